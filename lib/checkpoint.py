@@ -1,0 +1,81 @@
+"""Self-describing checkpoints: written atomically, read back without unpickling code.
+
+A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
+torch.load(path, weights_only=True): a file that would run code on load is refused.
+Keys: format, model, classes, image_size, mean, std, args, epoch, metrics, state_dict, and for
+resuming training also optimizer, scheduler, rng, and lineage for transferred models.
+"""
+import hashlib
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from lib.errors import UserError
+from lib.models import build_model
+
+FORMAT = "landmark-classification/1"
+REQUIRED = ("format", "model", "classes", "image_size", "mean", "std", "state_dict")
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename over `path`: a kill leaves the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(checkpoint, path):
+    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+
+def load_checkpoint(path):
+    """Load and check a checkpoint; any problem is a UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
+        raise UserError(f"checkpoint {path}: refused, it is not a plain checkpoint "
+                        f"(weights_only load failed: {first})") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+        raise UserError(f"checkpoint {path}: not a readable checkpoint (truncated or another "
+                        f"format: {str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+        raise UserError(f"checkpoint {path}: not a {FORMAT} checkpoint")
+    missing = [k for k in REQUIRED if k not in checkpoint]
+    if missing:
+        raise UserError(f"checkpoint {path}: missing {', '.join(missing)}")
+    return checkpoint
+
+
+def file_hash(path):
+    """sha256 of a file, to record which checkpoint a later artefact came from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_from_checkpoint(checkpoint, where="checkpoint"):
+    """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
+    model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"])
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise UserError(f"{where}: weights do not fit model {checkpoint['model']!r} "
+                        f"({str(error).splitlines()[0]})") from None
+    return model.eval()

@@ -1,0 +1,138 @@
+"""What every script shares: flag definitions, one-line errors, and the output-folder rule.
+
+Output rule, the same for every script: an output that already exists is refused unless
+--overwrite is given (train.py and transfer.py also accept --resume to continue a run).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+from lib.errors import UserError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line (`prog: error: ...`) and exit code 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def make_parser(doc):
+    return Parser(description=doc.strip().splitlines()[0] if doc else None,
+                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+
+
+def positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
+    return value
+
+
+def add_data_args(parser, task_required=True):
+    group = parser.add_argument_group("data")
+    group.add_argument("--data", required=True,
+                       help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
+    group.add_argument("--task", choices=["source", "target"], required=task_required,
+                       help="which task's rows of a CSV-layout dataset to use")
+    group.add_argument("--image-size", type=positive_int, default=64,
+                       help="images of another size are resized to this square size")
+    group.add_argument("--skip-bad-images", action="store_true",
+                       help="warn about and skip unreadable images instead of stopping")
+    return group
+
+
+def add_run_args(parser, out_help):
+    group = parser.add_argument_group("run")
+    group.add_argument("--out", required=True, help=out_help)
+    group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                       help="auto picks CUDA when available")
+    group.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
+    return group
+
+
+def add_training_args(parser, defaults):
+    """Training flags of train.py and transfer.py; defaults come from the recipe (TrainConfig)."""
+    from lib.augment import PRESETS  # torch-free callers (predict.py) never reach this
+
+    group = parser.add_argument_group("training (defaults are the recommended recipe)")
+    group.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    group.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=defaults.optimizer)
+    group.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate")
+    group.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay)
+    group.add_argument("--scheduler", choices=["step", "cosine", "none"], default=defaults.scheduler,
+                       help="learning-rate schedule over the epochs")
+    group.add_argument("--step-size", type=positive_int, default=defaults.step_size,
+                       help="with --scheduler step: epochs between decays")
+    group.add_argument("--gamma", type=positive_float, default=defaults.gamma,
+                       help="with --scheduler step: decay factor")
+    group.add_argument("--label-smoothing", type=non_negative_float, default=defaults.label_smoothing)
+    group.add_argument("--augment", choices=list(PRESETS), default=defaults.augment,
+                       help="augmentation preset, from none to strong")
+    group.add_argument("--patience", type=positive_int, default=defaults.patience,
+                       help="stop after this many epochs without a better validation score")
+    group.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
+                       help="mixed precision (bfloat16 on CPU, float16 on CUDA); auto: on where the "
+                            "hardware has fast support (CUDA, CPUs with AMX or AVX512-BF16)")
+    group.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across torchrun processes")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
+    return group
+
+
+def prepare_out_dir(out, overwrite=False, resume=False, markers=("last.pt", "best.pt")):
+    """Create the output folder; refuse one that holds an earlier run unless told what to do."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if resume:
+        if not (out / "last.pt").is_file():
+            raise UserError(f"--resume: no {out / 'last.pt'} to resume from")
+        return out
+    existing = [m for m in markers if (out / m).exists()]
+    if existing and not overwrite:
+        raise UserError(f"--out {out}: already holds {', '.join(existing)}; "
+                        "use --resume to continue or --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def plain_args(args):
+    """Parsed arguments as a dict of plain values, to store in a checkpoint."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def run(main, parser):
+    """Parse, run, and turn a UserError into `prog: error: message` with exit code 2."""
+    args = parser.parse_args()
+    try:
+        main(args)
+    except UserError as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,74 @@
+"""torchrun awareness: the process group, this process's rank, and gathering results.
+
+Under `torchrun --nproc_per_node=N`, WORLD_SIZE/RANK/LOCAL_RANK are set and training runs
+with DistributedDataParallel (gloo on CPU, NCCL on CUDA). A plain `python train.py` is a
+world of one and none of this does anything.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+from lib.errors import UserError
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def is_main():
+    return rank() == 0
+
+
+def pick_device(requested):
+    """'auto' means CUDA when available; under torchrun each process takes its local GPU."""
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda: no CUDA device is available")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def setup(device):
+    """Join the process group when launched by torchrun with more than one process."""
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(indices):
+    """This process's share of `indices`: every world_size-th one, no padding or repeats."""
+    return indices[rank()::world_size()]
+
+
+def gather_in_order(tensor, total):
+    """Undo shard(): collect every process's rows and put them back in the original order."""
+    if world_size() == 1:
+        return tensor
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, tensor.cpu())
+    out = torch.empty((total, *tensor.shape[1:]), dtype=tensor.dtype)
+    for r, part in enumerate(parts):
+        out[r::world_size()] = part
+    return out
+
+
+def broadcast_flag(value):
+    """Rank 0's decision (e.g. stop early) for everyone."""
+    if world_size() == 1:
+        return value
+    flag = [value]
+    dist.broadcast_object_list(flag, src=0)
+    return flag[0]

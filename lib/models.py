@@ -1,0 +1,88 @@
+"""The model registry, what a "stage" is per model, and each model's default Grad-CAM layer.
+
+ResNets on small photos: torchvision's ResNets shrink the input 4x before layer1 (a stride-2
+7x7 conv, then a stride-2 max-pool), which leaves a 64x64 photo only 2x2 at layer4. For inputs
+under 128 pixels we drop the max-pool, so layer1 works at 32x32 and layer4 at 4x4. Everything
+else is torchvision's model, trained from scratch (no downloaded weights).
+"""
+import torch.nn as nn
+import torchvision
+
+from lib.errors import UserError
+
+SMALL_INPUT = 128
+
+
+class CNN3(nn.Module):
+    """The reference work's small CNN: three 5x5 stride-2 convolutions (3->16->64->8), ReLU,
+    2x2 max-pooling after the first two, and one linear layer."""
+
+    def __init__(self, num_classes, image_size=64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 5, stride=2, padding=2)
+        self.conv2 = nn.Conv2d(16, 64, 5, stride=2, padding=2)
+        self.conv3 = nn.Conv2d(64, 8, 5, stride=2, padding=2)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        side = max(image_size // 32, 1)
+        self.fc = nn.Linear(8 * side * side, num_classes)
+
+    def forward(self, x):
+        x = self.pool(self.relu(self.conv1(x)))
+        x = self.pool(self.relu(self.conv2(x)))
+        x = self.relu(self.conv3(x))
+        return self.fc(x.flatten(1))
+
+
+def _resnet(builder):
+    def build(num_classes, image_size):
+        model = builder(weights=None, num_classes=num_classes)
+        if image_size < SMALL_INPUT:
+            model.maxpool = nn.Identity()
+        return model
+    return build
+
+
+MODELS = {
+    "cnn3": CNN3,
+    "resnet18": _resnet(torchvision.models.resnet18),
+    "resnet34": _resnet(torchvision.models.resnet34),
+    "resnet50": _resnet(torchvision.models.resnet50),
+}
+
+# Freezable stages in input-to-output order; the head (classifier) is never a stage.
+STAGES = {
+    "cnn3": [["conv1"], ["conv2"], ["conv3"]],
+    "resnet": [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
+}
+HEAD = "fc"
+
+# layer4 of a ResNet is 4x4 on a 64x64 photo: too coarse for a useful map. layer3 (8x8)
+# keeps enough resolution while still seeing whole building parts.
+CAM_LAYER = {"cnn3": "conv2", "resnet": "layer3"}
+
+
+def _family(name):
+    return "resnet" if name.startswith("resnet") else name
+
+
+def build_model(name, num_classes, image_size=64):
+    if name not in MODELS:
+        raise UserError(f"--model {name}: unknown model; choose from {', '.join(MODELS)}")
+    return MODELS[name](num_classes, image_size)
+
+
+def stages(model, name):
+    """The model's freezable stages, each a list of its submodules, input side first."""
+    return [[getattr(model, part) for part in stage] for stage in STAGES[_family(name)]]
+
+
+def replace_head(model, num_classes):
+    """A fresh classifier for another task, keeping everything before it."""
+    old = getattr(model, HEAD)
+    setattr(model, HEAD, nn.Linear(old.in_features, num_classes))
+    return model
+
+
+def default_cam_layer(name):
+    return CAM_LAYER[_family(name)]

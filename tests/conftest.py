@@ -1,0 +1,57 @@
+"""Shared fixtures: a private demo dataset and quickly trained checkpoints, made once per session.
+
+The tests run the scripts as a user would (subprocesses), so they check the command lines,
+exit codes and files, not only the library.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+# One thread per script: the tests' models are tiny, and threads fighting over two cores cost more.
+SCRIPT_ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Keep the generated demo data out of the user's cache folder."""
+    cache = tmp_path_factory.mktemp("cache")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    return cache
+
+
+def run_script(script, *args, check=True, env=None, timeout=600):
+    """Run one of the project's scripts; on an unexpected exit code show its output."""
+    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ, **SCRIPT_ENV, **(env or {})},
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{script} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def demo_data(private_cache):
+    from lib.demo import ensure_demo
+    return ensure_demo()
+
+
+@pytest.fixture(scope="session")
+def source_run(demo_data, tmp_path_factory):
+    """A small cnn3 trained on the demo source task."""
+    out = tmp_path_factory.mktemp("source")
+    run_script("train.py", "--data", demo_data, "--task", "source", "--model", "cnn3",
+               "--epochs", "3", "--out", out, "--overwrite")
+    return out
+
+
+@pytest.fixture(scope="session")
+def target_run(demo_data, tmp_path_factory):
+    """A small cnn3 trained on the demo target task."""
+    out = tmp_path_factory.mktemp("target")
+    run_script("train.py", "--data", demo_data, "--task", "target", "--model", "cnn3",
+               "--epochs", "3", "--out", out, "--overwrite")
+    return out
