@@ -29,10 +29,18 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(checkpoint, path):
@@ -50,7 +58,7 @@ def load_checkpoint(path):
         first = str(error).strip().splitlines()[0] if str(error).strip() else "refused"
         raise UserError(f"checkpoint {path}: refused, it is not a plain checkpoint "
                         f"(weights_only load failed: {first})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, LookupError) as error:
         raise UserError(f"checkpoint {path}: not a readable checkpoint (truncated or another "
                         f"format: {str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:

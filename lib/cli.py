@@ -50,26 +50,29 @@ def positive_float(text):
     return value
 
 
-def add_data_args(parser, task_required=True):
+def add_data_args(parser, image_size=True, data_required=True):
+    """image_size=False for scripts that take the image size from a checkpoint;
+    data_required=False for scripts that can read image files instead."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data", required=True,
+    group.add_argument("--data", required=data_required,
                        help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
-    group.add_argument("--task", choices=["source", "target"], required=task_required,
-                       help="which task's rows of a CSV-layout dataset to use")
-    group.add_argument("--image-size", type=positive_int, default=64,
-                       help="images of another size are resized to this square size")
+    group.add_argument("--task", choices=["source", "target"],
+                       help="which task's rows to use (needed for the CSV layout, unused for ImageFolder)")
+    if image_size:
+        group.add_argument("--image-size", type=positive_int, default=64,
+                           help="images of another size are resized to this square size")
     group.add_argument("--skip-bad-images", action="store_true",
                        help="warn about and skip unreadable images instead of stopping")
     return group
 
 
-def add_run_args(parser, out_help):
+def add_run_args(parser, out_help, seed_help="seed for weights, shuffling and augmentation"):
     group = parser.add_argument_group("run")
     group.add_argument("--out", required=True, help=out_help)
     group.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     group.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                        help="auto picks CUDA when available")
-    group.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and augmentation")
+    group.add_argument("--seed", type=int, default=0, help=seed_help)
     return group
 
 
@@ -98,6 +101,8 @@ def add_training_args(parser, defaults):
                        help="mixed precision (bfloat16 on CPU, float16 on CUDA); auto: on where the "
                             "hardware has fast support (CUDA, CPUs with AMX or AVX512-BF16)")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile the training step (a minute or more of compiling first)")
     group.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across torchrun processes")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its last.pt")
     return group
@@ -134,5 +139,4 @@ def run(main, parser):
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted", file=sys.stderr)
         sys.exit(130)

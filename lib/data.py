@@ -64,7 +64,7 @@ def load_split(data, split, task=None, image_size=64, skip_bad_images=False):
     root = resolve_data_dir(data).resolve()
     if detect_layout(root) == "csv":
         paths, labels, classes = _read_csv(root, split, task)
-        names_from = root / "images"
+        names_from = (root / "images").resolve()
     else:
         paths, labels, classes = _read_imagefolder(root, split)
         names_from = root

@@ -65,10 +65,27 @@ def gather_in_order(tensor, total):
     return out
 
 
-def broadcast_flag(value):
-    """Rank 0's decision (e.g. stop early) for everyone."""
+def gather_all(tensor):
+    """Every process's rows, rank 0's first (for statistics where the order does not matter)."""
     if world_size() == 1:
-        return value
-    flag = [value]
-    dist.broadcast_object_list(flag, src=0)
-    return flag[0]
+        return tensor
+    parts = [None] * world_size()
+    dist.all_gather_object(parts, tensor.cpu())
+    return torch.cat(parts)
+
+
+def average_buffers(model):
+    """Give every process the mean of the BatchNorm running statistics.
+
+    DDP copies rank 0's buffers to the others only at the start of each forward, so after an
+    epoch each process holds statistics updated by its own last batch; evaluating with those
+    would make each shard's predictions come from a slightly different model.
+    """
+    if world_size() == 1:
+        return
+    for buffer in model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer.div_(world_size())
+        else:
+            dist.broadcast(buffer, src=0)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from lib import distributed
@@ -43,6 +44,7 @@ class TrainConfig:
     patience: int = 10
     amp: bool = False
     channels_last: bool = False
+    compile: bool = False
     sync_bn: bool = False
 
 
@@ -119,7 +121,11 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     """
     out = Path(out)
     mean, std = describe["mean"], describe["std"]
-    generator = torch.Generator().manual_seed(seed)
+    for name, split in (("train", train), ("val", val)):
+        if split.labels is None or len(split.labels.unique()) < 2:
+            raise UserError(f"the {name} split needs labelled images of at least two classes "
+                            f"(AUROC and model selection), found {len(split)} image(s) of "
+                            f"{0 if split.labels is None else len(split.labels.unique())} class(es)")
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -133,7 +139,6 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        generator.set_state(state["rng"]["generator"])
         torch.set_rng_state(state["rng"]["torch"])
         history, best, stale = state["history"], state["best_score"], state["stale_epochs"]
         start_epoch = state["epoch"] + 1
@@ -141,52 +146,82 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             print(f"resuming {out / 'last.pt'} after epoch {state['epoch']}")
     net = model
     if distributed.world_size() > 1:
+        if config.sync_bn and device.type != "cuda":
+            raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs only on GPUs; on CPU leave it off "
+                            "(BatchNorm statistics are then averaged across processes after each epoch)")
         if config.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-
-    for epoch in range(start_epoch, config.epochs + 1):
-        if best is not None and stale >= config.patience:
-            break
-        started = time.perf_counter()
-        train_stats = _train_epoch(net, frozen_modules, train, mean, std, config, optimizer, scaler,
-                                   generator, device, epoch)
-        scheduler.step()
-        val_probs = distributed.gather_in_order(
-            predict_probs(model, distributed.shard(val.images), mean, std, device, amp=config.amp), len(val))
-        val_stats = epoch_metrics(val.labels, val_probs)
-        row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-               **{f"val_{k}": v for k, v in val_stats.items()},
-               "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - started}
-        history.append(row)
-        improved = best is None or _score(row) > tuple(best)
-        if improved:
-            best, stale = list(_score(row)), 0
-        else:
-            stale += 1
         if distributed.is_main():
-            checkpoint = {"format": FORMAT, **describe, "epoch": epoch, "metrics": row,
-                          "state_dict": model.state_dict()}
+            print(f"DistributedDataParallel over {distributed.world_size()} processes "
+                  f"({torch.distributed.get_backend()}), {config.batch_size} images per step in all")
+    if config.compile:
+        # Only the training step is compiled; validation runs the eager model, so the last,
+        # smaller batch and eval mode cost no recompilation.
+        net = torch.compile(net)
+
+    saved = start_epoch - 1
+    try:
+        for epoch in range(start_epoch, config.epochs + 1):
+            if best is not None and stale >= config.patience:
+                break
+            started = time.perf_counter()
+            train_stats = _train_epoch(net, frozen_modules, train, mean, std, config, optimizer, scaler,
+                                       seed, device, epoch)
+            scheduler.step()
+            distributed.average_buffers(model)
+            val_probs = distributed.gather_in_order(
+                predict_probs(model, distributed.shard(val.images), mean, std, device, amp=config.amp), len(val))
+            val_stats = epoch_metrics(val.labels, val_probs)
+            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                   **{f"val_{k}": v for k, v in val_stats.items()},
+                   "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - started}
+            history.append(row)
+            # Every process computes the same row from the same gathered numbers, so the
+            # best/stale bookkeeping and the early-stopping decision agree without a broadcast.
+            improved = best is None or _score(row) > tuple(best)
             if improved:
-                save_checkpoint(checkpoint, out / "best.pt")
-            save_checkpoint({**checkpoint, "optimizer": optimizer.state_dict(),
-                             "scheduler": scheduler.state_dict(), "history": history,
-                             "best_score": best, "stale_epochs": stale,
-                             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()}},
-                            out / "last.pt")
-            _write_history(history, out / "metrics.csv")
-            print(f"epoch {epoch:3d}/{config.epochs}  train loss {row['train_loss']:.3f} "
-                  f"acc {row['train_accuracy']:.3f}  val loss {row['val_loss']:.3f} "
-                  f"acc {row['val_accuracy']:.3f} auroc {row['val_auroc']:.4f}  "
-                  f"{row['seconds']:.1f}s{'  *best' if improved else ''}", flush=True)
+                best, stale = list(_score(row)), 0
+            else:
+                stale += 1
+            if distributed.is_main():
+                checkpoint = {"format": FORMAT, **describe, "epoch": epoch, "metrics": row,
+                              "state_dict": model.state_dict()}
+                if improved:
+                    save_checkpoint(checkpoint, out / "best.pt")
+                save_checkpoint({**checkpoint, "optimizer": optimizer.state_dict(),
+                                 "scheduler": scheduler.state_dict(), "history": history,
+                                 "best_score": best, "stale_epochs": stale,
+                                 "rng": {"torch": torch.get_rng_state()}},
+                                out / "last.pt")
+                _write_history(history, out / "metrics.csv")
+                saved = epoch
+                print(f"epoch {epoch:3d}/{config.epochs}  train loss {row['train_loss']:.3f} "
+                      f"acc {row['train_accuracy']:.3f}  val loss {row['val_loss']:.3f} "
+                      f"acc {row['val_accuracy']:.3f} auroc {row['val_auroc']:.4f}  "
+                      f"{row['seconds']:.1f}s{'  *best' if improved else ''}", flush=True)
+    except KeyboardInterrupt:
+        # last.pt holds the last finished epoch (saved atomically), from which --resume is exact.
+        if distributed.is_main():
+            kept = f"{out / 'last.pt'} holds epoch {saved}" if saved else "no epoch finished"
+            print(f"interrupted: {kept}; continue with --resume", file=sys.stderr)
+        raise
     return history
 
 
-def _train_epoch(net, frozen_modules, split, mean, std, config, optimizer, scaler, generator, device, epoch):
+def _train_epoch(net, frozen_modules, split, mean, std, config, optimizer, scaler, seed, device, epoch):
     net.train()
     for module in frozen_modules:
         module.eval()
-    order = distributed.shard(torch.randperm(len(split), generator=generator))
+    # Randomness is a function of (seed, epoch), not carried state, so a resumed run repeats an
+    # uninterrupted one. The order is shared by all processes (each takes its equal-length
+    # share, padded by DistributedSampler); augmentation differs per process.
+    sampler = DistributedSampler(split, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                 shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.int64)
+    augment_seed = ((seed * 1_000_003 + epoch) * 1_009 + distributed.rank()) % 2**63
+    generator = torch.Generator().manual_seed(augment_seed)
     local_batch = max(config.batch_size // distributed.world_size(), 1)
     # Drop a last batch of one image: BatchNorm cannot train on it.
     batches = [order[i:i + local_batch] for i in range(0, len(order), local_batch)]
@@ -211,8 +246,8 @@ def _train_epoch(net, frozen_modules, split, mean, std, config, optimizer, scale
         scaler.update()
         labels.append(y.cpu())
         probs.append(F.softmax(logits.detach().float(), dim=1).cpu())
-    # Plain cross-entropy of the augmented batches, comparable with the validation loss.
-    return epoch_metrics(torch.cat(labels), torch.cat(probs))
+    # Plain cross-entropy of the augmented batches (of all processes), comparable with the validation loss.
+    return epoch_metrics(distributed.gather_all(torch.cat(labels)), distributed.gather_all(torch.cat(probs)))
 
 
 def config_from_args(args):

@@ -22,15 +22,17 @@ class CNN3(nn.Module):
         self.conv1 = nn.Conv2d(3, 16, 5, stride=2, padding=2)
         self.conv2 = nn.Conv2d(16, 64, 5, stride=2, padding=2)
         self.conv3 = nn.Conv2d(64, 8, 5, stride=2, padding=2)
-        self.relu = nn.ReLU()
+        # One ReLU per layer (no weights, so checkpoints are unaffected): Grad-CAM hooks the
+        # rectified maps of conv2 by name, and a shared module would fire three times.
+        self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
         self.pool = nn.MaxPool2d(2)
         side = max(image_size // 32, 1)
         self.fc = nn.Linear(8 * side * side, num_classes)
 
     def forward(self, x):
-        x = self.pool(self.relu(self.conv1(x)))
-        x = self.pool(self.relu(self.conv2(x)))
-        x = self.relu(self.conv3(x))
+        x = self.pool(self.relu1(self.conv1(x)))
+        x = self.pool(self.relu2(self.conv2(x)))
+        x = self.relu3(self.conv3(x))
         return self.fc(x.flatten(1))
 
 
@@ -59,7 +61,8 @@ HEAD = "fc"
 
 # layer4 of a ResNet is 4x4 on a 64x64 photo: too coarse for a useful map. layer3 (8x8)
 # keeps enough resolution while still seeing whole building parts.
-CAM_LAYER = {"cnn3": "conv2", "resnet": "layer3"}
+# cnn3: conv2 after its ReLU (8x8); CAM methods assume non-negative activations.
+CAM_LAYER = {"cnn3": "relu2", "resnet": "layer3"}
 
 
 def _family(name):
@@ -70,6 +73,10 @@ def build_model(name, num_classes, image_size=64):
     if name not in MODELS:
         raise UserError(f"--model {name}: unknown model; choose from {', '.join(MODELS)}")
     return MODELS[name](num_classes, image_size)
+
+
+def stage_count(name):
+    return len(STAGES[_family(name)])
 
 
 def stages(model, name):

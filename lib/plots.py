@@ -1,8 +1,11 @@
 """Figures written by the scripts (matplotlib, no display needed); every file is written atomically."""
 import matplotlib
+import numpy as np
+from sklearn.metrics import auc, roc_curve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from lib.checkpoint import atomic_write  # noqa: E402
 
@@ -23,4 +26,79 @@ def plot_curves(history, path):
         ax.set_title(metric)
         ax.grid(alpha=0.3)
         ax.legend()
+    save_figure(fig, path)
+
+
+def plot_roc(labels, probs, classes, path):
+    """One-vs-rest ROC curve per class; a binary task shows the curve of class 1 only."""
+    shown = [1] if len(classes) == 2 else range(len(classes))
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for c in shown:
+        positives = labels == c
+        if positives.all() or not positives.any():
+            continue
+        fpr, tpr, _ = roc_curve(positives, probs[:, c])
+        ax.plot(fpr, tpr, label=f"{classes[c]} (AUC {auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC")
+    ax.legend(loc="lower right", fontsize="small")
+    ax.grid(alpha=0.3)
+    save_figure(fig, path)
+
+
+def plot_confusion(matrix, classes, path):
+    """Counts, true classes as rows; each cell also shows its share of the row."""
+    matrix = np.asarray(matrix)
+    shares = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    side = 2.5 + 0.6 * len(classes)
+    fig, ax = plt.subplots(figsize=(side + 1, side))
+    image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{matrix[i, j]}\n{shares[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if shares[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of true class")
+    save_figure(fig, path)
+
+
+def plot_mistakes(images, labels, probs, classes, filenames, path, count=16):
+    """The wrongly classified images with the highest loss, as fastai's plot_top_losses."""
+    wrong = np.flatnonzero(probs.argmax(1) != labels)
+    losses = -np.log(np.clip(probs[wrong, labels[wrong]], 1e-12, None))
+    worst = wrong[np.argsort(-losses, kind="stable")][:count]
+    columns = min(max(len(worst), 1), 4)
+    rows = max((len(worst) + columns - 1) // columns, 1)
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not len(worst):
+        axes[0, 0].text(0.5, 0.5, "no mistakes", ha="center", va="center")
+    for ax, i in zip(axes.flat, worst):
+        predicted = probs[i].argmax()
+        ax.imshow(images[i].permute(1, 2, 0).numpy())
+        ax.set_title(f"{classes[predicted]} {probs[i, predicted]:.2f}\ntrue {classes[labels[i]]}\n{filenames[i]}",
+                     fontsize=8)
+    fig.suptitle("most confidently wrong: predicted (probability), true class, file")
+    save_figure(fig, path)
+
+
+def plot_sweep(rows, histories, path):
+    """Validation AUROC and accuracy per epoch for each number of frozen stages."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for ax, metric in zip(axes, ["auroc", "accuracy"]):
+        for row in rows:
+            history = histories[row["frozen_stages"]]
+            ax.plot([r["epoch"] for r in history], [r[f"val_{metric}"] for r in history], marker=".",
+                    label=f"freeze {row['frozen_stages']} ({row['trainable_params']:,} trainable)")
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(f"val {metric}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
     save_figure(fig, path)

@@ -1,0 +1,80 @@
+"""Grad-CAM heatmaps of a trained model, and where their mass falls (the sky or the building).
+
+Example: python explain.py --checkpoint runs/target/best.pt --data DIR --task target --out runs/target/cam
+Side by side: python explain.py --compare runs/a/best.pt runs/b/best.pt --data DIR --task target --out cam_ab
+Writes OUT/grid.png, OUT/images/NNN_<name>.png (original | overlay per image) and OUT/cam_stats.json,
+and prints each model's attention summary. Image size, mean, std and classes come from the checkpoint.
+"""
+from pathlib import Path
+
+from lib import cam, cli, distributed
+from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
+from lib.data import SPLITS, check_labels_in_classes
+from lib.errors import UserError
+from lib.models import CAM_LAYER, default_cam_layer
+
+
+def get_args_parser():
+    parser = cli.make_parser(__doc__)
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="the checkpoint to explain")
+    which.add_argument("--compare", nargs=2, metavar=("CKPT_A", "CKPT_B"),
+                       help="explain the same images with two checkpoints (same classes), side by side")
+    cli.add_data_args(parser, image_size=False, data_required=False)
+    group = parser.add_argument_group("explanation")
+    group.add_argument("--split", choices=SPLITS, default="val", help="which split of --data to explain")
+    group.add_argument("--num-images", type=cli.non_negative_int, default=16,
+                       help="a seeded random sample of this many images of the split; 0 for all")
+    group.add_argument("--images", nargs="+", metavar="FILE", type=Path,
+                       help="explain these image files instead of a split of --data")
+    group.add_argument("--method", choices=list(cam.METHODS), default="gradcam", help="CAM method")
+    group.add_argument("--target-class",
+                       help="class name or index whose map to draw; if not given, each image's predicted class")
+    defaults = ", ".join(f"{family}: {layer}" for family, layer in CAM_LAYER.items())
+    group.add_argument("--layer", nargs="+", metavar="NAME",
+                       help="target layer(s) by module name, dotted for inner ones (e.g. layer4.1); several "
+                            f"are averaged; if not given, the model's own ({defaults})")
+    group.add_argument("--sanity", action="store_true",
+                       help="also correlate the maps with those of the same model re-initialised "
+                            "(Adebayo et al. 2018); near 0 is good")
+    cli.add_run_args(parser, "output folder for grid.png, images/ and cam_stats.json",
+                     seed_help="seed for the image sample and for --sanity's re-initialised weights")
+    return parser
+
+
+def main(args):
+    paths = args.compare or [args.checkpoint]
+    checkpoints = [load_checkpoint(path) for path in paths]
+    first = checkpoints[0]
+    for path, checkpoint in zip(paths[1:], checkpoints[1:]):
+        if (checkpoint["classes"], checkpoint["image_size"]) != (first["classes"], first["image_size"]):
+            raise UserError(f"--compare {path}: its classes or image size differ from {paths[0]}'s, "
+                            "so the same images cannot be explained by both")
+    device = distributed.pick_device(args.device)
+    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("cam_stats.json", "grid.png"))
+    split = cam.load_images(args.images, args.data, args.task, args.split, args.num_images, args.seed,
+                            first["image_size"], first["classes"], args.skip_bad_images)
+    check_labels_in_classes(split, first["classes"], f"--data {args.data}")
+    target = cam.class_index(args.target_class, first["classes"])
+
+    explanations = []
+    for i, (path, checkpoint) in enumerate(zip(paths, checkpoints)):
+        label = f"{'AB'[i]}: " if args.compare else ""
+        model = model_from_checkpoint(checkpoint, where=f"checkpoint {path}")
+        layers = args.layer or [default_cam_layer(checkpoint["model"])]
+        explanations.append(cam.explain_checkpoint(
+            label, {"checkpoint": str(path), "sha256": file_hash(path)}, checkpoint, model, split.images,
+            device, args.method, layers, target, sanity_seed=args.seed if args.sanity else None))
+
+    cam.write_figures(split, explanations, args.method, out)
+    cam.write_stats(cam.stats_record(split, explanations, args.method), out / "cam_stats.json")
+    for explanation in explanations:
+        if explanation.label:
+            print(f"{explanation.label}{explanation.source['checkpoint']}")
+    for explanation in explanations:
+        print(cam.format_summary(explanation, args.method))
+    print(f"wrote {out / 'grid.png'}, {len(split)} image(s) in {out / 'images'}, {out / 'cam_stats.json'}")
+
+
+if __name__ == "__main__":
+    cli.run(main, get_args_parser())

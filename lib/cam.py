@@ -1,0 +1,325 @@
+"""Grad-CAM heatmaps (the grad-cam package), where their mass falls, a sanity check, and figures.
+
+A heatmap is a float32 (H, W) array in [0, 1] at the input's size, for one target class: the
+predicted class unless another is chosen. Attention statistics are the fraction of a map's
+total mass inside a region, given as fractions of the height and the width:
+- top_third: the top third of the rows (the sky, in landmark photos);
+- central: the middle half of the rows and of the columns (a quarter of the area).
+A map spread evenly over the image scores each region's area, reported as the uniform baseline.
+An all-zero map (no positive evidence at that layer) is counted as empty and left out of the
+means. Grad-CAM gives many of those on cnn3: it weighs each channel by its gradient averaged
+over positions, and cnn3's classifier reads positions separately, so the signs cancel; LayerCAM
+(per-position weights) does not. ResNets pool globally and are not affected.
+
+Sanity check (Adebayo et al., "Sanity Checks for Saliency Maps", 2018): maps of the trained
+model should differ from those of the same architecture with re-initialised weights; a mean
+correlation near 1 means the map shows the image (edges, brightness), not what was learnt.
+"""
+import contextlib
+import io
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lib.augment import normalize
+from lib.checkpoint import atomic_write
+from lib.data import Split, load_split
+from lib.engine import predict_probs
+from lib.errors import UserError
+from lib.images import decode_image
+from lib.models import build_model
+from lib.plots import plt, save_figure
+
+# --method name -> class name in pytorch_grad_cam, which is imported on use: it pulls in OpenCV
+# and SciPy, seconds of start-up that a bad flag or checkpoint should not wait for.
+METHODS = {"gradcam": "GradCAM", "gradcam++": "GradCAMPlusPlus", "eigencam": "EigenCAM",
+           "layercam": "LayerCAM", "scorecam": "ScoreCAM", "hirescam": "HiResCAM", "xgradcam": "XGradCAM"}
+REGIONS = {"top_third": ((0, 1 / 3), (0, 1)), "central": ((1 / 4, 3 / 4), (1 / 4, 3 / 4))}
+
+
+class ClassLogOdds:
+    """The score explained for class c: log(p_c / (1 - p_c)) = z_c - logsumexp(other logits).
+
+    Grad-CAM's usual score is the raw logit z_c, but only differences of logits matter, so a
+    model may carry "this is a palace" by lowering the other logit instead; the map of the raw
+    logit then comes out empty or inverted (seen with 2-class models). The log-odds is what
+    decides the prediction, and unlike p_c it does not saturate for confident predictions.
+    """
+
+    def __init__(self, category):
+        self.category = category
+
+    def __call__(self, logits):
+        others = torch.cat([logits[:self.category], logits[self.category + 1:]])
+        return logits[self.category] - torch.logsumexp(others, dim=0)
+
+
+def resolve_layers(model, names):
+    """Modules named like `layer3` or `layer4.1`; a wrong name lists the valid top-level ones."""
+    modules = dict(model.named_modules())
+    for name in names:
+        if not name or name not in modules:  # "" names the whole model, not a layer
+            top = ", ".join(child for child, _ in model.named_children())
+            raise UserError(f"--layer {name!r}: no such layer; top-level layers are {top} "
+                            "(inner ones with dots, e.g. layer4.1)")
+    return [modules[name] for name in names]
+
+
+def class_index(target_class, classes):
+    """--target-class as a class name or an index into `classes`; None stays None."""
+    if target_class is None:
+        return None
+    if target_class in classes:
+        return classes.index(target_class)
+    if target_class.isdigit() and int(target_class) < len(classes):
+        return int(target_class)
+    listed = ", ".join(f"{i}={name}" for i, name in enumerate(classes))
+    raise UserError(f"--target-class {target_class}: not a class name or index ({listed})")
+
+
+def compute_heatmaps(model, images, mean, std, device, method, layer_names, targets, batch_size=32):
+    """Heatmaps (N, H, W) in [0, 1] of uint8 images, each for its class in `targets`."""
+    if method not in METHODS:
+        raise UserError(f"--method {method}: choose from {', '.join(METHODS)}")
+    layers = resolve_layers(model, layer_names)
+    import pytorch_grad_cam
+
+    model.to(device).eval()
+    cam = getattr(pytorch_grad_cam, METHODS[method])(model=model, target_layers=layers)
+    cam.batch_size = batch_size  # ScoreCAM's masked-input batch; the other methods ignore it
+    maps = []
+    try:
+        for start in range(0, len(images), batch_size):
+            x = normalize(images[start:start + batch_size].to(device).float().div_(255), mean, std)
+            chosen = [ClassLogOdds(int(t)) for t in targets[start:start + batch_size]]
+            # ScoreCAM draws a progress bar per image; one line per image drowns the summary.
+            with contextlib.redirect_stderr(io.StringIO()) if method == "scorecam" else contextlib.nullcontext():
+                maps.append(cam(input_tensor=x, targets=chosen))
+    except ValueError as error:
+        raise UserError(f"--layer {' '.join(layer_names)}: cannot make a heatmap from it, its output "
+                        f"must be a (N, C, H, W) feature map ({error})") from None
+    finally:
+        # Not `with cam:`: the package's __exit__ swallows IndexError, which would hide a bug.
+        cam.activations_and_grads.release()
+        model.zero_grad(set_to_none=True)
+    return np.concatenate(maps).astype(np.float32)
+
+
+def region_mass(heatmaps, rows, cols):
+    """Fraction of each map's mass inside the region (NaN for an all-zero map), and its area fraction."""
+    _, h, w = heatmaps.shape
+    r0, r1, c0, c1 = round(rows[0] * h), round(rows[1] * h), round(cols[0] * w), round(cols[1] * w)
+    total = heatmaps.sum(axis=(1, 2), dtype=np.float64)
+    inside = heatmaps[:, r0:r1, c0:c1].sum(axis=(1, 2), dtype=np.float64)
+    fraction = np.divide(inside, total, out=np.full_like(total, np.nan), where=total > 0)
+    return fraction, (r1 - r0) * (c1 - c0) / (h * w)
+
+
+def attention_stats(heatmaps):
+    """Per-image mass fraction in each of REGIONS, and a summary over the images."""
+    per_image, summary = {}, {"images": len(heatmaps)}
+    for name, (rows, cols) in REGIONS.items():
+        fraction, area = region_mass(heatmaps, rows, cols)
+        per_image[name] = fraction
+        kept = fraction[~np.isnan(fraction)]
+        summary[name] = {"mean": _number(kept.mean()) if len(kept) else None,
+                         "std": _number(kept.std()) if len(kept) else None,
+                         "median": _number(np.median(kept)) if len(kept) else None,
+                         "uniform": area}
+    summary["empty_maps"] = int(np.isnan(per_image["top_third"]).sum())
+    return per_image, summary
+
+
+def _number(value):
+    return None if value is None or math.isnan(value) else round(float(value), 4)
+
+
+def _ranks(x):
+    """Ranks with ties averaged, so flat zero areas of a map do not invent an order."""
+    order = x.argsort(kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, group, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
+
+
+def map_correlations(maps_a, maps_b):
+    """Per-image Pearson and Spearman correlation of two sets of maps (NaN where a map is flat)."""
+    pearson, spearman = [], []
+    for a, b in zip(maps_a.reshape(len(maps_a), -1), maps_b.reshape(len(maps_b), -1)):
+        flat = a.std() == 0 or b.std() == 0
+        pearson.append(np.nan if flat else np.corrcoef(a, b)[0, 1])
+        spearman.append(np.nan if flat else np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+    return np.array(pearson), np.array(spearman)
+
+
+def sanity_check(checkpoint, heatmaps, images, targets, method, layer_names, device, seed):
+    """Correlation of the trained model's maps with those of a freshly initialised copy."""
+    torch.manual_seed(seed)
+    random_model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"])
+    random_maps = compute_heatmaps(random_model, images, checkpoint["mean"], checkpoint["std"], device,
+                                   method, layer_names, targets)
+    pearson, spearman = map_correlations(heatmaps, random_maps)
+    defined = ~np.isnan(pearson)
+    return {"images": len(pearson), "undefined": int((~defined).sum()),
+            "pearson_mean": _number(pearson[defined].mean()) if defined.any() else None,
+            "spearman_mean": _number(spearman[defined].mean()) if defined.any() else None}
+
+
+@dataclass
+class Explanation:
+    """One checkpoint's maps of a set of images, with its predictions and statistics."""
+    label: str          # "" alone, "A: " / "B: " side by side
+    source: dict        # where the checkpoint came from: path and sha256
+    checkpoint: dict
+    layers: list
+    heatmaps: np.ndarray
+    probs: torch.Tensor
+    targets: torch.Tensor
+    per_image: dict
+    summary: dict
+    sanity: dict | None
+
+
+def explain_checkpoint(label, source, checkpoint, model, images, device, method, layer_names, target=None,
+                       sanity_seed=None):
+    """Predict, explain the predicted (or the given `target`) class, measure, optionally sanity-check."""
+    mean, std = checkpoint["mean"], checkpoint["std"]
+    probs = predict_probs(model.to(device), images, mean, std, device)
+    targets = probs.argmax(1) if target is None else torch.full((len(images),), target)
+    heatmaps = compute_heatmaps(model, images, mean, std, device, method, layer_names, targets)
+    per_image, summary = attention_stats(heatmaps)
+    sanity = None if sanity_seed is None else sanity_check(
+        checkpoint, heatmaps, images, targets, method, layer_names, device, sanity_seed)
+    return Explanation(label, source, checkpoint, list(layer_names), heatmaps, probs, targets, per_image, summary, sanity)
+
+
+def load_images(files, data, task, split, num_images, seed, image_size, classes, skip_bad_images=False):
+    """The images to explain: the given files (unlabelled), or a seeded sample of a split (0 = all)."""
+    if files:
+        if data is not None:
+            raise UserError("--images and --data: give one or the other")
+        decoded = np.stack([decode_image(path, image_size) for path in files])
+        return Split(torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(), None, list(classes),
+                     [str(path) for path in files])
+    if data is None:
+        raise UserError("--data: required unless --images is given")
+    full = load_split(data, split, task, image_size, skip_bad_images)
+    if num_images and num_images < len(full):
+        chosen = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
+        full = Split(full.images[chosen], None if full.labels is None else full.labels[chosen],
+                     full.classes, [full.filenames[i] for i in chosen.tolist()])
+    return full
+
+
+def panel_titles(split, explanations):
+    """Per image: the original's title (true label) and one title per model (prediction, map class)."""
+    classes = split.classes
+    titles = []
+    for i in range(len(split)):
+        true = "?" if split.labels is None else classes[int(split.labels[i])]
+        row = [f"true: {true}"]
+        for e in explanations:
+            pred = int(e.probs[i].argmax())
+            text = f"{e.label}pred: {classes[pred]} ({float(e.probs[i, pred]):.2f})"
+            if int(e.targets[i]) != pred:
+                text += f"\nmap of {classes[int(e.targets[i])]}"
+            row.append(text)
+        titles.append(row)
+    return titles
+
+
+def grid_layout(num_images, panels_per_image, max_columns=8):
+    """(rows, columns) of axes: whole images per row, each image's panels side by side."""
+    per_row = max(1, max_columns // panels_per_image)
+    return max(1, math.ceil(num_images / per_row)), min(max(num_images, 1), per_row) * panels_per_image
+
+
+def draw_cam_figure(images, heatmaps_per_model, titles, caption=None, max_columns=8):
+    """Each image as original | overlay per model, under an optional caption; returns the figure."""
+    panels = 1 + len(heatmaps_per_model)
+    rows, cols = grid_layout(len(images), panels, max_columns)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    per_row = cols // panels
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        first = (i // per_row, (i % per_row) * panels)
+        for p in range(panels):
+            ax = axes[first[0], first[1] + p]
+            ax.imshow(image)
+            if p:
+                ax.imshow(heatmaps_per_model[p - 1][i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(titles[i][p], fontsize=7)
+    fig.tight_layout()
+    if caption:
+        fig.suptitle(caption, fontsize=8, y=1.0, va="bottom")
+    return fig
+
+
+def _file_stem(index, filename):
+    return f"{index:03d}_" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(filename).stem)
+
+
+def write_figures(split, explanations, method, out):
+    """OUT/grid.png and OUT/images/NNN_<name>.png; returns the per-image paths."""
+    titles = panel_titles(split, explanations)
+    maps = [e.heatmaps for e in explanations]
+    caption = method + ": " + "   ".join(
+        f"{e.label}{'/'.join(Path(e.source['checkpoint']).parts[-2:])} at {'+'.join(e.layers)}" for e in explanations)
+    save_figure(draw_cam_figure(split.images, maps, titles, caption), out / "grid.png")
+    folder = out / "images"
+    folder.mkdir(exist_ok=True)
+    for stale in folder.glob("[0-9][0-9][0-9]_*.png"):
+        stale.unlink()
+    paths = []
+    for i, filename in enumerate(split.filenames):
+        path = folder / (_file_stem(i, filename) + ".png")
+        save_figure(draw_cam_figure(split.images[i:i + 1], [m[i:i + 1] for m in maps], titles[i:i + 1]),
+                    path)
+        paths.append(path)
+    return paths
+
+
+def stats_record(split, explanations, method):
+    """Everything cam_stats.json holds: the setup, per-image numbers and each model's summary."""
+    classes = split.classes
+    models = []
+    for e in explanations:
+        per_image = [{"pred": classes[int(e.probs[i].argmax())], "prob": round(float(e.probs[i].max()), 4),
+                      "map_of": classes[int(e.targets[i])],
+                      **{r: _number(e.per_image[r][i]) for r in REGIONS}} for i in range(len(split))]
+        models.append({"label": e.label.rstrip(": "), **e.source, "model": e.checkpoint["model"],
+                       "layers": e.layers, "summary": e.summary, "sanity": e.sanity, "images": per_image})
+    return {"method": method, "regions": {r: {"rows": rows, "cols": cols} for r, (rows, cols) in REGIONS.items()},
+            "images": [{"filename": f, "true": None if split.labels is None else classes[int(split.labels[i])]}
+                       for i, f in enumerate(split.filenames)],
+            "models": models}
+
+
+def write_stats(record, path):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def format_summary(explanation, method):
+    s = explanation.summary
+    lines = [f"{explanation.label}{explanation.checkpoint['model']}, {method} at {'+'.join(explanation.layers)}, "
+             f"{s['images']} images: mass in top third {_fmt(s['top_third'])}, central {_fmt(s['central'])}"
+             + (f"; {s['empty_maps']} empty map(s), no positive evidence at this layer (--method layercam "
+                "weighs each position on its own)" if s["empty_maps"] else "")]
+    if explanation.sanity:
+        c = explanation.sanity
+        lines.append(f"  sanity: correlation with a re-initialised copy, Pearson {c['pearson_mean']}, "
+                     f"Spearman {c['spearman_mean']} (near 0: the map depends on the learnt weights)")
+    return "\n".join(lines)
+
+
+def _fmt(region):
+    if region["mean"] is None:
+        return "n/a"
+    return f"{region['mean']:.3f} (sd {region['std']:.3f}, uniform {region['uniform']:.3f})"

@@ -1,0 +1,105 @@
+"""Evaluation: probabilities from a model file, then a report that does not care where they came from.
+
+load_predictor gives one interface over a PyTorch checkpoint and an exported .onnx model:
+.classes, .image_size, .task (None when the file does not say) and .predict(images, tta) ->
+numpy (N, C) probabilities for uint8 (N, 3, H, W) images. Test-time augmentation (tta)
+averages the image and its horizontal mirror. Everything after that is numpy arithmetic on
+labels and probabilities (lib.metrics), identical for both kinds of model.
+"""
+import csv
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from lib.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from lib.engine import predict_probs
+from lib.errors import UserError
+from lib.metrics import bootstrap_ci, full_report
+
+N_RESAMPLES = 1000
+
+
+class TorchPredictor:
+    def __init__(self, path, device):
+        checkpoint = load_checkpoint(path)
+        self.model = model_from_checkpoint(checkpoint, where=f"--checkpoint {path}").to(device)
+        self.classes = list(checkpoint["classes"])
+        self.image_size = checkpoint["image_size"]
+        self.task = checkpoint.get("task")
+        self.mean, self.std, self.device = checkpoint["mean"], checkpoint["std"], device
+
+    def predict(self, images, tta=False):
+        return predict_probs(self.model, images, self.mean, self.std, self.device, tta=tta).numpy()
+
+
+class OnnxPredictor:
+    def __init__(self, path):
+        try:
+            from lib.edge import OnnxClassifier
+        except ModuleNotFoundError as error:
+            raise UserError(f"--checkpoint {path}: cannot read .onnx models here ({error})") from None
+        self.session = OnnxClassifier(path)
+        self.classes = list(self.session.classes)
+        self.image_size = self.session.image_size
+        self.task = None
+
+    def predict(self, images, tta=False):
+        pixels = images.permute(0, 2, 3, 1).contiguous().numpy()
+        probs = self.session.predict_proba(pixels)
+        if tta:
+            probs = (probs + self.session.predict_proba(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
+        return np.asarray(probs, dtype=np.float64)
+
+
+def load_predictor(path, device):
+    """A PyTorch checkpoint, or an exported model when the name ends in .onnx."""
+    if str(path).lower().endswith(".onnx"):
+        if not Path(path).is_file():
+            raise UserError(f"--checkpoint {path}: no such file")
+        return OnnxPredictor(path)
+    return TorchPredictor(path, device)
+
+
+def build_report(labels, probs, classes, seed=0, n_resamples=N_RESAMPLES):
+    """full_report plus 95% percentile-bootstrap intervals for accuracy and AUROC."""
+    report = full_report(labels, probs, classes)
+    intervals = bootstrap_ci(labels, probs, n_resamples=n_resamples, seed=seed, level=0.95)
+    report["ci95"] = {"accuracy": intervals["accuracy"], "auroc": intervals["auroc"]}
+    report["bootstrap"] = {"n_resamples": n_resamples, "seed": seed}
+    return report
+
+
+def format_report(report):
+    lo, hi = report["ci95"]["accuracy"]
+    a_lo, a_hi = report["ci95"]["auroc"]
+    lines = [f"images            {report['n_images']}",
+             f"accuracy          {report['accuracy']:.4f}  (95% CI {lo:.4f}-{hi:.4f})",
+             f"AUROC             {report['auroc']:.4f}  (95% CI {a_lo:.4f}-{a_hi:.4f})",
+             f"balanced accuracy {report['balanced_accuracy']:.4f}",
+             f"loss              {report['loss']:.4f}"]
+    if "auroc_ovo" in report:
+        lines.append(f"AUROC one-vs-one  {report['auroc_ovo']:.4f}")
+    width = max(len(name) for name in report["per_class"])
+    lines.append(f"{'class':<{width}}  precision  recall     f1  support")
+    for name, row in report["per_class"].items():
+        lines.append(f"{name:<{width}}  {row['precision']:9.3f}  {row['recall']:6.3f}  {row['f1']:5.3f}  "
+                     f"{row['support']:7d}")
+    return "\n".join(lines)
+
+
+def write_json(data, path):
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_predictions(path, filenames, probs, classes, labels=None):
+    """filename, true label (empty when unknown), predicted label, one probability per class."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["filename", "true_label", "predicted_label", *[f"prob_{name}" for name in classes]])
+    predicted = probs.argmax(1)
+    for i, name in enumerate(filenames):
+        true = classes[labels[i]] if labels is not None else ""
+        writer.writerow([name, true, classes[predicted[i]], *[f"{p:.6f}" for p in probs[i]]])
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))

@@ -1,0 +1,149 @@
+"""Transfer learning: a source checkpoint's network with a new head, its first stages frozen.
+
+What a "stage" is per model is defined in lib.models.STAGES (ResNets: the stem conv1+bn1, then
+layer1..layer4; cnn3: its three convolutions). Freezing K stages turns off gradients for their
+parameters and keeps them in eval mode during training (lib.engine.fit's frozen_modules), so
+their BatchNorm running statistics stay those of the source task. `--freeze all` freezes every
+stage: only the head trains (a linear probe).
+
+Preprocessing travels with the weights: the target checkpoint keeps the source's image size,
+mean and std, and records its lineage (source path, sha256, frozen stages).
+"""
+import csv
+import io
+from pathlib import Path
+
+import torch
+
+from lib.checkpoint import atomic_write, file_hash, load_checkpoint, model_from_checkpoint
+from lib.engine import TrainConfig
+from lib.errors import UserError
+from lib.models import HEAD, MODELS, replace_head, stage_count, stages
+
+# The recommended transfer recipe: transfer.py's defaults. Tune it here, nowhere else.
+# Measured on the landmarks (README): freezing the stem and layer1 is as accurate as
+# fine-tuning everything and a third faster, since layer1 is the largest feature map; with
+# only 420 target images the strong augmentation beat the standard one on val.
+RECIPE = TrainConfig(epochs=20, lr=1e-3, patience=8, augment="strong")
+DEFAULT_FREEZE = ["2"]
+
+SWEEP_COLUMNS = ["frozen_stages", "trainable_params", "best_epoch", "best_val_auroc",
+                 "best_val_accuracy", "epochs", "seconds"]
+
+
+def load_source(path):
+    """The source checkpoint, checked to rebuild; any problem is a UserError naming --source."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint["model"] not in MODELS:
+        raise UserError(f"--source {path}: model {checkpoint['model']!r} is not one this project "
+                        f"builds ({', '.join(MODELS)})")
+    model_from_checkpoint(checkpoint, where=f"--source {path}")
+    return checkpoint
+
+
+def resolve_freeze(values, model_name):
+    """--freeze values (integers or 'all') as stage counts; anything else is a one-line error."""
+    count = stage_count(model_name)
+    allowed = [str(k) for k in range(count + 1)] + ["all"]
+    resolved = []
+    for value in values:
+        if value not in allowed:
+            raise UserError(f"--freeze {value}: {model_name} has {count} stages; "
+                            f"choose from {', '.join(allowed)}")
+        k = count if value == "all" else int(value)
+        if k in resolved:
+            raise UserError(f"--freeze: {value} repeats a setting already given "
+                            f"({count} stages means the same as all)")
+        resolved.append(k)
+    return resolved
+
+
+def freeze_label(k, model_name):
+    return "all" if k == stage_count(model_name) else str(k)
+
+
+def freeze_stages(model, model_name, k):
+    """Turn off gradients for the first k stages; return their modules (to keep in eval mode)."""
+    frozen = [module for stage in stages(model, model_name)[:k] for module in stage]
+    for module in frozen:
+        module.eval()
+        for parameter in module.parameters():
+            parameter.requires_grad_(False)
+    return frozen
+
+
+def check_target_classes(train, val, data, task):
+    """Every target class needs training images, and validation needs two classes for AUROC."""
+    if len(train.classes) < 2:
+        raise UserError(f"--data {data}: task {task!r} has {len(train.classes)} class(es); need at least 2")
+    missing = sorted(set(range(len(train.classes))) - set(train.labels.tolist()))
+    if missing:
+        raise UserError(f"--data {data}: task {task!r} has no training images of class(es) "
+                        f"{', '.join(train.classes[i] for i in missing)}")
+    if len(set(val.labels.tolist())) < 2:
+        raise UserError(f"--data {data}: the val split of task {task!r} holds a single class; "
+                        "AUROC cannot select a checkpoint")
+
+
+def build_target(source, source_path, num_classes, k, seed):
+    """A fresh copy of the source network with a new head and the first k stages frozen."""
+    model = model_from_checkpoint(source, where=f"--source {source_path}")
+    torch.manual_seed(seed)
+    replace_head(model, num_classes)
+    return model, freeze_stages(model, source["model"], k)
+
+
+def param_groups(model, lr_backbone):
+    """None (one group, the recipe's lr) or backbone at lr_backbone and the head at the base lr."""
+    if lr_backbone is None:
+        return None
+    head = list(getattr(model, HEAD).parameters())
+    head_ids = {id(p) for p in head}
+    backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
+    # The head goes last: the engine logs the last group's learning rate.
+    groups = [{"params": backbone, "lr": lr_backbone}] if backbone else []
+    return groups + [{"params": head}]
+
+
+def trainable_params(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def lineage(source_path, k, model_name):
+    return {"source": str(Path(source_path).resolve()), "source_sha256": file_hash(source_path),
+            "frozen_stages": k, "stages": stage_count(model_name)}
+
+
+def target_describe(source, task, classes, args, lineage_entry):
+    """The target checkpoint's description: the source's preprocessing, the target's classes."""
+    return {"model": source["model"], "task": task, "classes": list(classes),
+            "image_size": source["image_size"], "mean": source["mean"], "std": source["std"],
+            "args": args, "lineage": lineage_entry}
+
+
+def run_summary(label, model, run_dir):
+    """The run's line of the sweep table and its history, read from its best.pt and last.pt."""
+    best = load_checkpoint(Path(run_dir) / "best.pt")["metrics"]
+    history = load_checkpoint(Path(run_dir) / "last.pt")["history"]
+    return {"frozen_stages": label, "trainable_params": trainable_params(model),
+            "best_epoch": best["epoch"], "best_val_auroc": best["val_auroc"],
+            "best_val_accuracy": best["val_accuracy"], "epochs": len(history),
+            "seconds": sum(row["seconds"] for row in history)}, history
+
+
+def format_sweep(rows):
+    lines = [f"{'frozen':>6} {'trainable':>10} {'best ep':>7} {'val AUROC':>9} {'val acc':>7} "
+             f"{'epochs':>6} {'seconds':>8}"]
+    for r in rows:
+        lines.append(f"{r['frozen_stages']:>6} {r['trainable_params']:>10,} {r['best_epoch']:>7} "
+                     f"{r['best_val_auroc']:>9.4f} {r['best_val_accuracy']:>7.4f} {r['epochs']:>6} "
+                     f"{r['seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def write_sweep_csv(rows, path):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=SWEEP_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))

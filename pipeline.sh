@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole job as a user types it: source training, transfer, evaluation, explanation, export.
+# Usage: bash pipeline.sh DATA OUT     (DATA: a dataset folder, or "demo" for the built-in one)
+# Set PYTHON to choose the interpreter (default: python).
+set -euo pipefail
+if [ $# -ne 2 ]; then
+  echo "usage: bash pipeline.sh DATA OUT" >&2
+  exit 2
+fi
+data=$1
+out=$2
+here=$(cd "$(dirname "$0")" && pwd)
+py=${PYTHON:-python}
+
+step() {
+  local started=$SECONDS
+  echo "== $*"
+  "$py" "$here/$@"
+  echo "== $1 took $((SECONDS - started)) s"
+}
+
+step train.py --data "$data" --task source --out "$out/source"
+step transfer.py --source "$out/source/best.pt" --data "$data" --task target --out "$out/target"
+step evaluate.py --checkpoint "$out/target/best.pt" --data "$data" --task target --split val --out "$out/target/eval"
+step explain.py --checkpoint "$out/target/best.pt" --data "$data" --task target --split val --out "$out/target/cam"
+step export.py --checkpoint "$out/target/best.pt" --out "$out/target/model.onnx" --quantize int8
+step evaluate.py --checkpoint "$out/target/model.int8.onnx" --data "$data" --task target --split val --out "$out/target/eval-int8"
+echo "done in $SECONDS s: $out"

@@ -1,0 +1,127 @@
+"""evaluate.py and lib.evaluation: metrics as scikit-learn computes them, reports, predictions, errors."""
+import csv
+import json
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from sklearn import metrics as skm
+
+from conftest import run_script
+from lib.data import load_split
+from lib.demo import TARGET_CLASSES
+from lib.evaluation import build_report, load_predictor
+
+
+def test_binary_metrics_equal_scikit_learn():
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 0])
+    p1 = np.array([0.1, 0.4, 0.35, 0.8, 0.9, 0.65, 0.3, 0.7, 0.55, 0.2])
+    probs = np.stack([1 - p1, p1], axis=1)
+    report = build_report(labels, probs, ["a", "b"], n_resamples=300)
+    predicted = (p1 > 0.5).astype(int)
+    assert report["n_images"] == 10
+    assert report["accuracy"] == pytest.approx(0.8)  # two mistakes, counted by hand
+    assert report["accuracy"] == pytest.approx(skm.accuracy_score(labels, predicted))
+    assert report["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, predicted))
+    assert report["auroc"] == pytest.approx(skm.roc_auc_score(labels, p1))
+    assert report["auroc"] == pytest.approx(0.76)  # 19 of 25 positive-negative pairs ordered
+    assert report["loss"] == pytest.approx(skm.log_loss(labels, probs))
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, predicted)
+    for i, name in enumerate(["a", "b"]):
+        assert report["per_class"][name] == pytest.approx(
+            {"precision": precision[i], "recall": recall[i], "f1": f1[i], "support": support[i]})
+    assert report["confusion_matrix"] == skm.confusion_matrix(labels, predicted).tolist()
+    for metric in ("accuracy", "auroc"):
+        low, high = report["ci95"][metric]
+        assert low <= report[metric] <= high and low < high
+
+
+def test_multiclass_auroc_is_macro_one_vs_rest_and_one_vs_one():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 20)
+    logits = rng.normal(size=(60, 3)) + 1.5 * np.eye(3)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    report = build_report(labels, probs, ["x", "y", "z"], n_resamples=200)
+    assert report["auroc"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovr", average="macro"))
+    assert report["auroc_ovo"] == pytest.approx(skm.roc_auc_score(labels, probs, multi_class="ovo", average="macro"))
+    assert report["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(labels, probs.argmax(1)))
+    for metric in ("accuracy", "auroc"):
+        low, high = report["ci95"][metric]
+        assert low <= report[metric] <= high
+
+
+def test_evaluate_writes_report_plots_and_predictions(demo_data, target_run, tmp_path):
+    out, extra = tmp_path / "eval", tmp_path / "extra.json"
+    result = run_script("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", demo_data,
+                        "--split", "val", "--out", out, "--json", extra)
+    assert "AUROC" in result.stdout and "95% CI" in result.stdout
+    for name in ("metrics.json", "roc.png", "confusion.png", "predictions.csv", "mistakes.png"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "metrics.json").read_text())
+    assert json.loads(extra.read_text()) == report
+    for key in ("n_images", "accuracy", "balanced_accuracy", "auroc", "loss", "per_class", "confusion_matrix"):
+        assert key in report, key
+    assert report["n_images"] == 60 and sum(map(sum, report["confusion_matrix"])) == 60
+    for metric in ("accuracy", "auroc"):
+        low, high = report["ci95"][metric]
+        assert low <= report[metric] <= high
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert list(rows[0]) == ["filename", "true_label", "predicted_label"] + [f"prob_{c}" for c in TARGET_CLASSES]
+    assert len(rows) == 60
+    assert np.mean([r["true_label"] == r["predicted_label"] for r in rows]) == pytest.approx(report["accuracy"])
+    probs = np.array([[float(r[f"prob_{c}"]) for c in TARGET_CLASSES] for r in rows])
+    labels = np.array([TARGET_CLASSES.index(r["true_label"]) for r in rows])
+    assert skm.roc_auc_score(labels, probs[:, 1]) == pytest.approx(report["auroc"], abs=1e-4)
+
+
+def test_challenge_split_gets_predictions_only(demo_data, target_run, tmp_path):
+    out = tmp_path / "challenge"
+    run_script("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", demo_data, "--task", "target",
+               "--split", "challenge", "--out", out)
+    assert sorted(p.name for p in out.iterdir()) == ["predictions.csv"]
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 20 and all(r["true_label"] == "" for r in rows)
+    assert all(r["predicted_label"] in TARGET_CLASSES for r in rows)
+
+
+def test_class_mismatch_is_a_one_line_error(demo_data, source_run, tmp_path):
+    result = run_script("evaluate.py", "--checkpoint", source_run / "best.pt", "--data", demo_data,
+                        "--task", "target", "--split", "val", "--out", tmp_path / "eval", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "differ" in result.stderr
+    assert not (tmp_path / "eval" / "metrics.json").exists()
+
+
+def test_tta_averages_the_image_and_its_mirror(demo_data, target_run):
+    predictor = load_predictor(target_run / "best.pt", torch.device("cpu"))
+    assert predictor.classes == TARGET_CLASSES and predictor.image_size == 64
+    images = load_split(demo_data, "val", "target").images[:8]
+    plain, mirrored = predictor.predict(images), predictor.predict(images.flip(3))
+    assert isinstance(plain, np.ndarray) and plain.shape == (8, 2)
+    np.testing.assert_allclose(predictor.predict(images, tta=True), (plain + mirrored) / 2, atol=1e-6)
+    assert not np.allclose(plain, mirrored)
+
+
+def test_onnx_branch_feeds_channels_last_pixels_and_mirrors_them(demo_data, target_run, monkeypatch, tmp_path):
+    """Against a stand-in for lib.edge.OnnxClassifier that runs the PyTorch model on NHWC uint8."""
+    torch_predictor = load_predictor(target_run / "best.pt", torch.device("cpu"))
+
+    class FakeOnnxClassifier:
+        def __init__(self, path):
+            self.classes, self.image_size = torch_predictor.classes, torch_predictor.image_size
+
+        def predict_proba(self, pixels):
+            assert pixels.dtype == np.uint8 and pixels.shape[-1] == 3
+            return torch_predictor.predict(torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2))
+
+    monkeypatch.setitem(sys.modules, "lib.edge", types.SimpleNamespace(OnnxClassifier=FakeOnnxClassifier))
+    onnx_file = tmp_path / "stand-in.onnx"
+    onnx_file.touch()
+    predictor = load_predictor(onnx_file, torch.device("cpu"))
+    images = load_split(demo_data, "val", "target").images[:8]
+    assert predictor.classes == TARGET_CLASSES and predictor.image_size == 64
+    for tta in (False, True):
+        np.testing.assert_allclose(predictor.predict(images, tta=tta), torch_predictor.predict(images, tta=tta),
+                                   atol=1e-6)

@@ -1,0 +1,166 @@
+"""explain.py and lib.cam: heatmap shape and range, grid layout, a map that finds the deciding
+region of a synthetic task, the side-by-side comparison, the sanity check, and clear errors."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from conftest import run_script
+from lib import cam
+from lib.augment import normalize
+from lib.checkpoint import load_checkpoint, model_from_checkpoint
+from lib.data import load_split
+from lib.engine import predict_probs
+from lib.errors import UserError
+from lib.models import build_model
+
+CPU = torch.device("cpu")
+
+
+def test_heatmaps_have_the_image_size_lie_in_unit_range_and_release_hooks(source_run, demo_data):
+    checkpoint = load_checkpoint(source_run / "best.pt")
+    model = model_from_checkpoint(checkpoint)
+    images = load_split(demo_data, "val", "source", checkpoint["image_size"]).images[:3]
+    targets = predict_probs(model, images, checkpoint["mean"], checkpoint["std"], CPU).argmax(1)
+    for method in cam.METHODS:
+        maps = cam.compute_heatmaps(model, images, checkpoint["mean"], checkpoint["std"], CPU, method,
+                                    ["relu2"], targets, batch_size=2)
+        assert maps.shape == (3, 64, 64) and maps.dtype == np.float32, method
+        assert maps.min() >= 0 and maps.max() <= 1 and maps.max() > 0.5, method
+    assert not model.training
+    assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules()), "hooks left behind"
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_grid_has_one_panel_per_image_and_model():
+    assert cam.grid_layout(16, 2) == (4, 8)
+    assert cam.grid_layout(5, 3) == (3, 6)
+    assert cam.grid_layout(1, 2) == (1, 2)
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    maps = [np.random.rand(5, 16, 16).astype(np.float32) for _ in range(2)]
+    titles = [["true", "A", "B"]] * 5
+    fig = cam.draw_cam_figure(images, maps, titles)
+    drawn = [ax for ax in fig.axes if ax.images]
+    assert len(drawn) == 5 * 3
+    assert sum(len(ax.images) == 2 for ax in drawn) == 5 * 2, "one overlay per image and model"
+
+
+def _quadrant_task(n, seed):
+    """Noise with one bright square: class 1 when it is in the top-right quadrant, class 0 when
+    it is in the bottom-left one. Only the square's position decides the class."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 64, 64, generator=generator) * 120 + 40
+    labels = torch.randint(0, 2, (n,), generator=generator)
+    for i in range(n):
+        y, x = torch.randint(2, 20, (2,), generator=generator).tolist()
+        top, left = (y, 32 + x) if labels[i] else (32 + y, x)
+        images[i, :, top:top + 10, left:left + 10] = 250
+    return images.to(torch.uint8), labels
+
+
+def test_heatmap_mass_falls_in_the_region_that_decides_the_class():
+    torch.manual_seed(0)
+    mean, std = [0.45] * 3, [0.25] * 3
+    train_images, train_labels = _quadrant_task(256, seed=0)
+    model = build_model("cnn3", 2, 64)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        batch = torch.randint(0, len(train_images), (64,))
+        x = normalize(train_images[batch].float() / 255, mean, std)
+        loss = F.cross_entropy(model(x), train_labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    images, labels = _quadrant_task(32, seed=1)
+    assert (predict_probs(model, images, mean, std, CPU).argmax(1) == labels).float().mean() > 0.95
+    quadrants = {1: ((0, 0.5), (0.5, 1)), 0: ((0.5, 1), (0, 0.5))}
+    for method in ("gradcam", "layercam"):
+        for label, (rows, cols) in quadrants.items():
+            chosen = images[labels == label][:8]
+            maps = cam.compute_heatmaps(model, chosen, mean, std, CPU, method, ["relu2"],
+                                        torch.full((len(chosen),), label))
+            mass, area = cam.region_mass(maps, rows, cols)
+            assert area == 0.25
+            assert np.isnan(mass).sum() <= 1, f"{method}: empty maps {mass}"
+            assert np.nanmean(mass) > 0.6, f"{method}, class {label}: mass in its quadrant {mass}"
+
+
+def test_attention_regions_on_known_maps():
+    maps = np.zeros((3, 12, 12), dtype=np.float32)
+    maps[0, :3] = 1          # all in the top third (rows 0-3), none in the central rows 3-8
+    maps[1, 3:9, 3:9] = 1    # all in the central region (middle half of rows and columns)
+    per_image, summary = cam.attention_stats(maps)
+    assert per_image["top_third"][:2].tolist() == [1.0, pytest.approx(1 / 6)]
+    assert per_image["central"][:2].tolist() == [0.0, 1.0]
+    assert np.isnan(per_image["top_third"][2]) and summary["empty_maps"] == 1
+    assert summary["central"]["uniform"] == 0.25 and summary["top_third"]["uniform"] == 4 / 12
+
+
+def test_explain_writes_grid_images_and_stats(source_run, demo_data, tmp_path):
+    out = tmp_path / "cam"
+    result = run_script("explain.py", "--checkpoint", source_run / "best.pt", "--data", demo_data,
+                        "--task", "source", "--num-images", 5, "--out", out)
+    with Image.open(out / "grid.png") as grid:
+        assert grid.width > 2 * grid.height, "5 images x 2 panels: 2 rows of 8 panels"
+    assert len(list((out / "images").glob("*.png"))) == 5
+    stats = json.loads((out / "cam_stats.json").read_text())
+    [model] = stats["models"]
+    assert len(stats["images"]) == 5 and len(model["images"]) == 5 and model["layers"] == ["relu2"]
+    assert all(0 <= row["top_third"] <= 1 and 0 <= row["central"] <= 1 for row in model["images"])
+    assert model["summary"]["images"] == 5 and model["summary"]["top_third"]["uniform"] > 0.3
+    assert "top third" in result.stdout
+    with pytest.raises(UserError, match="--overwrite"):
+        _main_in_process("--checkpoint", source_run / "best.pt", "--data", demo_data, "--task", "source",
+                         "--out", out)
+
+
+def test_compare_and_sanity_on_image_files(target_run, demo_data, tmp_path):
+    files = sorted((demo_data / "images").glob("*.png"))[:3]
+    out = tmp_path / "compare"
+    result = run_script("explain.py", "--compare", target_run / "best.pt", target_run / "last.pt",
+                        "--images", *files, "--target-class", "palace", "--method", "layercam",
+                        "--sanity", "--out", out)
+    stats = json.loads((out / "cam_stats.json").read_text())
+    assert [m["label"] for m in stats["models"]] == ["A", "B"]
+    assert [i["true"] for i in stats["images"]] == [None] * 3
+    for model in stats["models"]:
+        assert [row["map_of"] for row in model["images"]] == ["palace"] * 3
+        assert model["sanity"]["images"] == 3
+        for key in ("pearson_mean", "spearman_mean"):
+            assert model["sanity"][key] is None or -1 <= model["sanity"][key] <= 1
+    assert result.stdout.count("top third") == 2 and result.stdout.count("sanity:") == 2
+    assert len(list((out / "images").glob("*.png"))) == 3
+
+
+def _one_line_error(result):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def _main_in_process(*args):
+    """Errors raised before any work, checked without paying a script's start-up again."""
+    import explain
+
+    explain.main(explain.get_args_parser().parse_args([str(a) for a in args]))
+
+
+def test_bad_layer_bad_checkpoint_and_wrong_classes_are_clear_errors(source_run, target_run, demo_data, tmp_path):
+    common = ["--data", demo_data, "--task", "source", "--num-images", 2, "--out", tmp_path / "o"]
+    bad_layer = run_script("explain.py", "--checkpoint", source_run / "best.pt", "--layer", "layer9",
+                           *common, check=False)
+    _one_line_error(bad_layer)
+    assert "layer9" in bad_layer.stderr and "conv1, conv2, conv3" in bad_layer.stderr
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(b"this is not a checkpoint")
+    not_checkpoint = run_script("explain.py", "--checkpoint", fake, *common, check=False)
+    _one_line_error(not_checkpoint)
+    assert "fake.pt" in not_checkpoint.stderr
+    with pytest.raises(UserError, match="classes"):
+        _main_in_process("--checkpoint", source_run / "best.pt", "--data", demo_data, "--task", "target",
+                         "--out", tmp_path / "o2")
+    with pytest.raises(UserError, match="classes or image size differ"):
+        _main_in_process("--compare", source_run / "best.pt", target_run / "best.pt", "--data", demo_data,
+                         "--task", "target", "--out", tmp_path / "o3")

@@ -1,0 +1,247 @@
+"""Bad input, interruptions and untrusted files, through the scripts' command lines.
+
+Every bad input must end with exit code 2 and ONE line on stderr that names the culprit;
+never a traceback, never a silently wrong answer.
+"""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, SCRIPT_ENV, run_script
+from lib.demo import CSV_COLUMNS
+
+
+def assert_clean_error(result, *culprits):
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
+    for culprit in culprits:
+        assert str(culprit) in lines[0], f"{culprit!r} not named in: {lines[0]}"
+
+
+def copy_dataset(demo_data, dest, rows=None, task="target"):
+    """A small copy of the demo data's target task (val and train), optionally with edited rows."""
+    (dest / "images").mkdir(parents=True)
+    with open(demo_data / "landmarks.csv") as f:
+        kept = [r for r in csv.DictReader(f) if r["task"] == task and r["partition"] in ("train", "val")]
+    kept = kept[::4]
+    for r in kept:
+        shutil.copy(demo_data / "images" / r["filename"], dest / "images" / r["filename"])
+    kept = rows(kept) if rows else kept
+    with open(dest / "landmarks.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(kept)
+    return dest
+
+
+def train(data, out, *extra, task="target"):
+    return run_script("train.py", "--data", data, "--task", task, "--model", "cnn3", "--epochs", "1",
+                      "--out", out, *extra, check=False)
+
+
+# --- data -------------------------------------------------------------------------------------
+
+def test_missing_data_path(tmp_path):
+    assert_clean_error(train(tmp_path / "nowhere", tmp_path / "out"), "nowhere")
+
+
+def test_folder_of_neither_layout(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_clean_error(train(tmp_path / "empty", tmp_path / "out"), "neither layout")
+
+
+def test_csv_missing_column(demo_data, tmp_path):
+    data = copy_dataset(demo_data, tmp_path / "d")
+    text = (data / "landmarks.csv").read_text().replace(",numeric_label", "")
+    (data / "landmarks.csv").write_text(text)
+    assert_clean_error(train(data, tmp_path / "out"), "landmarks.csv", "numeric_label")
+
+
+def test_empty_split(demo_data, tmp_path):
+    data = copy_dataset(demo_data, tmp_path / "d", rows=lambda rows: [r for r in rows if r["partition"] != "val"])
+    assert_clean_error(train(data, tmp_path / "out"), "no images", "val")
+
+
+def test_label_outside_class_list(demo_data, tmp_path):
+    def relabel(rows):
+        rows[0] = {**rows[0], "numeric_label": "7"}
+        return rows
+    data = copy_dataset(demo_data, tmp_path / "d", rows=relabel)
+    assert_clean_error(train(data, tmp_path / "out"), "numeric_label")
+
+
+def test_split_with_one_class(demo_data, tmp_path):
+    data = copy_dataset(demo_data, tmp_path / "d",
+                        rows=lambda rows: [r for r in rows if r["partition"] == "train" or r["numeric_label"] == "0"])
+    assert_clean_error(train(data, tmp_path / "out"), "val split", "two classes")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero bytes", "not an image"])
+def test_bad_image_is_named(demo_data, tmp_path, damage):
+    data = copy_dataset(demo_data, tmp_path / "d")
+    with open(data / "landmarks.csv") as f:
+        victim = data / "images" / next(csv.DictReader(f))["filename"]
+    content = victim.read_bytes()
+    victim.write_bytes({"truncated": content[: len(content) // 2], "zero bytes": b"",
+                        "not an image": b"hello, I am text"}[damage])
+    assert_clean_error(train(data, tmp_path / "out"), victim.name)
+    if damage == "truncated":
+        skipped = train(data, tmp_path / "skipped", "--skip-bad-images")
+        assert skipped.returncode == 0, skipped.stderr
+        assert "skipped 1 unreadable image" in skipped.stderr
+
+
+@pytest.mark.parametrize("name", ["../escape.png", "/etc/passwd"])
+def test_filename_escaping_images_folder(demo_data, tmp_path, name):
+    def escape(rows):
+        rows[0] = {**rows[0], "filename": name}
+        return rows
+    data = copy_dataset(demo_data, tmp_path / "d", rows=escape)
+    assert_clean_error(train(data, tmp_path / "out"), name, "outside")
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flag, value", [("--epochs", "-3"), ("--lr", "0"), ("--model", "vgg99"),
+                                         ("--augment", "extreme"), ("--batch-size", "zero")])
+def test_invalid_option_values(demo_data, tmp_path, flag, value):
+    result = run_script("train.py", "--data", demo_data, "--task", "target", "--out", tmp_path / "o",
+                        flag, value, check=False)
+    assert_clean_error(result, flag)
+
+
+# --- checkpoints ------------------------------------------------------------------------------
+
+class RunsCode:
+    """Unpickling this would create a file: the attack a weights_only load must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def malicious_checkpoint(path, marker):
+    torch.save({"format": "landmark-classification/1", "payload": RunsCode(marker)}, path)
+    return path
+
+
+def bad_checkpoint(case, tmp_path, source_run):
+    path = tmp_path / f"{case.replace(' ', '_')}.pt"
+    if case == "truncated":
+        data = (source_run / "best.pt").read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+    elif case == "not a checkpoint":
+        path.write_text("just text")
+    elif case == "foreign dict":
+        torch.save({"weights": torch.zeros(3)}, path)
+    return path
+
+
+def test_malicious_pickle_is_refused_and_runs_nothing(source_run, tmp_path, demo_data):
+    marker = tmp_path / "pwned"
+    evil = malicious_checkpoint(tmp_path / "evil.pt", marker)
+    result = run_script("evaluate.py", "--checkpoint", evil, "--data", demo_data, "--task", "source",
+                        "--split", "val", "--out", tmp_path / "eval", check=False)
+    assert_clean_error(result, "evil.pt", "refused")
+    assert not marker.exists(), "loading the checkpoint executed code"
+
+
+@pytest.mark.parametrize("case", ["missing", "truncated", "not a checkpoint", "foreign dict"])
+def test_bad_checkpoint_for_evaluate(source_run, tmp_path, demo_data, case):
+    path = bad_checkpoint(case, tmp_path, source_run)
+    result = run_script("evaluate.py", "--checkpoint", path, "--data", demo_data, "--task", "source",
+                        "--split", "val", "--out", tmp_path / "eval", check=False)
+    assert_clean_error(result, path.name)
+
+
+def test_checkpoint_of_another_architecture(source_run, tmp_path, demo_data):
+    checkpoint = torch.load(source_run / "best.pt", weights_only=True)
+    mislabelled = tmp_path / "mislabelled.pt"
+    torch.save({**checkpoint, "model": "resnet18"}, mislabelled)
+    result = run_script("evaluate.py", "--checkpoint", mislabelled, "--data", demo_data, "--task", "source",
+                        "--split", "val", "--out", tmp_path / "eval", check=False)
+    assert_clean_error(result, "mislabelled.pt", "resnet18")
+
+
+NOT_A_CHECKPOINT = {
+    "transfer.py": ["--source", "{ckpt}", "--data", "{data}", "--task", "target", "--out", "{out}"],
+    "explain.py": ["--checkpoint", "{ckpt}", "--data", "{data}", "--task", "target", "--out", "{out}"],
+    "export.py": ["--checkpoint", "{ckpt}", "--out", "{out}/model.onnx"],
+}
+
+
+@pytest.mark.parametrize("script", list(NOT_A_CHECKPOINT))
+def test_every_script_refuses_a_file_that_is_not_a_checkpoint(script, tmp_path, demo_data):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    args = [a.format(ckpt=text, data=demo_data, out=tmp_path / "out") for a in NOT_A_CHECKPOINT[script]]
+    assert_clean_error(run_script(script, *args, check=False), "notes.pt")
+
+
+@pytest.mark.parametrize("script, args, flag", [
+    ("transfer.py", ["--source", "{source}", "--freeze", "9"], "--freeze"),
+    ("explain.py", ["--checkpoint", "{source}", "--method", "telepathy"], "--method"),
+    ("explain.py", ["--checkpoint", "{source}", "--layer", "layer99"], "layer99"),
+    ("evaluate.py", ["--checkpoint", "{source}", "--split", "everything"], "--split"),
+])
+def test_invalid_option_values_of_other_scripts(script, args, flag, source_run, demo_data, tmp_path):
+    args = [a.format(source=source_run / "best.pt") for a in args]
+    result = run_script(script, *args, "--data", demo_data, "--task", "source", "--out", tmp_path / "o",
+                        check=False)
+    assert_clean_error(result, flag)
+
+
+# --- interruptions and outputs ----------------------------------------------------------------
+
+def test_existing_output_is_not_overwritten(source_run, demo_data):
+    before = (source_run / "best.pt").read_bytes()
+    result = train(demo_data, source_run, task="source")
+    assert_clean_error(result, "--overwrite")
+    assert (source_run / "best.pt").read_bytes() == before
+
+
+INTERRUPTED = ["--task", "target", "--model", "resnet18", "--epochs", "3", "--batch-size", "32",
+               "--augment", "strong"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(demo_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    run_script("train.py", "--data", demo_data, *INTERRUPTED, "--out", out, "--overwrite")
+    return torch.load(out / "last.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
+def test_interrupted_run_resumes_to_the_same_weights(demo_data, tmp_path, uninterrupted, sig):
+    out = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--data", str(demo_data),
+                                *INTERRUPTED, "--out", str(out)],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, **SCRIPT_ENV})
+    deadline = time.time() + 300
+    while not (out / "last.pt").exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(sig)
+    _, stderr = process.communicate(timeout=120)
+    stopped_at = torch.load(out / "last.pt", weights_only=True)["epoch"]
+    assert stopped_at < 3, "the run ended before the signal; the test proves nothing"
+    if sig == signal.SIGINT:
+        assert process.returncode == 130, stderr
+        assert "--resume" in stderr and "Traceback" not in stderr
+    run_script("train.py", "--data", demo_data, *INTERRUPTED, "--out", out, "--resume")
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 3
+    for name, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in uninterrupted["history"]]
