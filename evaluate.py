@@ -11,6 +11,7 @@ from pathlib import Path
 from lib import cli, distributed, evaluation
 from lib.data import SPLITS, check_labels_in_classes, load_split
 from lib.errors import UserError
+from lib.files import write_json
 from lib.plots import plot_confusion, plot_mistakes, plot_roc
 
 
@@ -54,9 +55,9 @@ def main(args):
               "tta": args.tta, **evaluation.build_report(labels, probs, classes, seed=args.seed)}
     print(f"{args.checkpoint} on split {args.split!r}{' with TTA' if args.tta else ''}:")
     print(evaluation.format_report(report))
-    evaluation.write_json(report, out / "metrics.json")
+    write_json(report, out / "metrics.json")
     if args.json:
-        evaluation.write_json(report, args.json)
+        write_json(report, args.json)
     plot_roc(labels, probs, classes, out / "roc.png")
     plot_confusion(report["confusion_matrix"], classes, out / "confusion.png")
     plot_mistakes(split.images, labels, probs, classes, split.filenames, out / "mistakes.png")

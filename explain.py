@@ -11,6 +11,7 @@ from lib import cam, cli, distributed
 from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from lib.data import SPLITS, check_labels_in_classes
 from lib.errors import UserError
+from lib.files import write_json
 from lib.models import CAM_LAYER, default_cam_layer
 
 
@@ -67,7 +68,7 @@ def main(args):
             device, args.method, layers, target, sanity_seed=args.seed if args.sanity else None))
 
     cam.write_figures(split, explanations, args.method, out)
-    cam.write_stats(cam.stats_record(split, explanations, args.method), out / "cam_stats.json")
+    write_json(cam.stats_record(split, explanations, args.method), out / "cam_stats.json")
     for explanation in explanations:
         if explanation.label:
             print(f"{explanation.label}{explanation.source['checkpoint']}")

@@ -7,7 +7,7 @@ import torch
 
 from lib import cli, distributed
 from lib.data import channel_stats, load_split
-from lib.engine import TrainConfig, amp_helps, config_from_args, fit
+from lib.engine import TrainConfig, amp_helps, best_epoch, config_from_args, fit
 from lib.models import MODELS, build_model
 from lib.plots import plot_curves
 
@@ -43,7 +43,7 @@ def main(args):
                   seed=args.seed, resume=args.resume)
     if distributed.is_main():
         plot_curves(history, out / "curves.png")
-        best = max(history, key=lambda row: (row["val_accuracy"], row["val_auroc"], -row["val_loss"]))
+        best = best_epoch(history)
         print(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.4f}, "
               f"val AUROC {best['val_auroc']:.4f} -> {out / 'best.pt'}")
     distributed.cleanup()

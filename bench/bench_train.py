@@ -8,7 +8,6 @@ the median of the per-repeat ratios. Each figure comes in wall-clock time and in
 CPU time: on a machine shared with other programs the CPU-time figures are the stable ones
 (images per CPU-second, all threads counted). Prints a table; --json also writes every sample.
 """
-import json
 import os
 import platform
 import statistics
@@ -23,7 +22,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from lib import cli, distributed  # noqa: E402
 from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
-from lib.checkpoint import atomic_write  # noqa: E402
+from lib.files import write_json  # noqa: E402
 from lib.data import Split, channel_stats, load_split  # noqa: E402
 from lib.engine import (TrainConfig, _train_epoch, amp_helps, autocast, make_optimizer,  # noqa: E402
                         predict_probs)
@@ -164,7 +163,7 @@ def main(args):
         print(f"{name:10}" + "".join(f"{cell:>18}" for cell in cells))
     if args.json:
         report = {"conditions": conditions, "data": data, "models": models}
-        atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+        write_json(report, args.json)
 
 
 if __name__ == "__main__":

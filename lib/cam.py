@@ -17,7 +17,6 @@ correlation near 1 means the map shows the image (edges, brightness), not what w
 """
 import contextlib
 import io
-import json
 import math
 import re
 from dataclasses import dataclass
@@ -27,7 +26,6 @@ import numpy as np
 import torch
 
 from lib.augment import normalize
-from lib.checkpoint import atomic_write
 from lib.data import Split, load_split
 from lib.engine import predict_probs
 from lib.errors import UserError
@@ -300,10 +298,6 @@ def stats_record(split, explanations, method):
             "images": [{"filename": f, "true": None if split.labels is None else classes[int(split.labels[i])]}
                        for i, f in enumerate(split.filenames)],
             "models": models}
-
-
-def write_stats(record, path):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
 
 
 def format_summary(explanation, method):

@@ -6,41 +6,18 @@ Keys: format, model, classes, image_size, mean, std, args, epoch, metrics, state
 resuming training also optimizer, scheduler, rng, and lineage for transferred models.
 """
 import hashlib
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
 
 from lib.errors import UserError
+from lib.files import atomic_write
 from lib.models import build_model
 
 FORMAT = "landmark-classification/1"
 REQUIRED = ("format", "model", "classes", "image_size", "mean", "std", "state_dict")
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename over `path`: a kill leaves the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp makes the file private (0600); give it the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(checkpoint, path):

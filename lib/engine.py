@@ -6,8 +6,6 @@ to resume exactly: weights, optimizer, scheduler, random states, history) and OU
 the validation score improves. The score is validation accuracy, ties broken by AUROC, then by
 lower loss. Early stopping ends training after `patience` epochs without improvement.
 """
-import csv
-import io
 import math
 import sys
 import time
@@ -23,8 +21,9 @@ from tqdm import tqdm
 
 from lib import distributed
 from lib.augment import augment_batch, normalize
-from lib.checkpoint import FORMAT, atomic_write, load_checkpoint, save_checkpoint
+from lib.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from lib.errors import UserError
+from lib.files import write_csv
 from lib.metrics import epoch_metrics
 
 
@@ -102,12 +101,9 @@ def _score(metrics):
     return (metrics["val_accuracy"], metrics["val_auroc"], -metrics["val_loss"])
 
 
-def _write_history(history, path):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(history[0]))
-    writer.writeheader()
-    writer.writerows(history)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+def best_epoch(history):
+    """The history row with the best validation score (the one best.pt holds)."""
+    return max(history, key=_score)
 
 
 def fit(model, train, val, *, describe, config, out, device, seed, param_groups=None,
@@ -194,7 +190,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                                  "best_score": best, "stale_epochs": stale,
                                  "rng": {"torch": torch.get_rng_state()}},
                                 out / "last.pt")
-                _write_history(history, out / "metrics.csv")
+                write_csv(history, out / "metrics.csv")
                 saved = epoch
                 print(f"epoch {epoch:3d}/{config.epochs}  train loss {row['train_loss']:.3f} "
                       f"acc {row['train_accuracy']:.3f}  val loss {row['val_loss']:.3f} "

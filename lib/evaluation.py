@@ -6,16 +6,14 @@ numpy (N, C) probabilities for uint8 (N, 3, H, W) images. Test-time augmentation
 averages the image and its horizontal mirror. Everything after that is numpy arithmetic on
 labels and probabilities (lib.metrics), identical for both kinds of model.
 """
-import csv
-import io
-import json
 from pathlib import Path
 
 import numpy as np
 
-from lib.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint
+from lib.checkpoint import load_checkpoint, model_from_checkpoint
 from lib.engine import predict_probs
 from lib.errors import UserError
+from lib.files import write_csv
 from lib.metrics import bootstrap_ci, full_report
 
 N_RESAMPLES = 1000
@@ -89,17 +87,11 @@ def format_report(report):
     return "\n".join(lines)
 
 
-def write_json(data, path):
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
-
-
 def write_predictions(path, filenames, probs, classes, labels=None):
     """filename, true label (empty when unknown), predicted label, one probability per class."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(["filename", "true_label", "predicted_label", *[f"prob_{name}" for name in classes]])
     predicted = probs.argmax(1)
-    for i, name in enumerate(filenames):
-        true = classes[labels[i]] if labels is not None else ""
-        writer.writerow([name, true, classes[predicted[i]], *[f"{p:.6f}" for p in probs[i]]])
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    rows = [{"filename": name, "true_label": classes[labels[i]] if labels is not None else "",
+             "predicted_label": classes[predicted[i]],
+             **{f"prob_{c}": f"{p:.6f}" for c, p in zip(classes, probs[i])}}
+            for i, name in enumerate(filenames)]
+    write_csv(rows, path, ["filename", "true_label", "predicted_label", *[f"prob_{c}" for c in classes]])

@@ -19,7 +19,8 @@ import onnx
 import torch
 import torch.nn as nn
 
-from lib.checkpoint import FORMAT, atomic_write
+from lib.checkpoint import FORMAT
+from lib.files import atomic_write
 from lib.data import check_labels_in_classes, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
 from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, OnnxClassifier, make_session

@@ -7,7 +7,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from lib.checkpoint import atomic_write  # noqa: E402
+from lib.files import atomic_write  # noqa: E402
 
 
 def save_figure(fig, path):

@@ -9,15 +9,14 @@ stage: only the head trains (a linear probe).
 Preprocessing travels with the weights: the target checkpoint keeps the source's image size,
 mean and std, and records its lineage (source path, sha256, frozen stages).
 """
-import csv
-import io
 from pathlib import Path
 
 import torch
 
-from lib.checkpoint import atomic_write, file_hash, load_checkpoint, model_from_checkpoint
+from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from lib.engine import TrainConfig
 from lib.errors import UserError
+from lib.files import write_csv
 from lib.models import HEAD, MODELS, replace_head, stage_count, stages
 
 # The recommended transfer recipe: transfer.py's defaults. Tune it here, nowhere else.
@@ -142,8 +141,4 @@ def format_sweep(rows):
 
 
 def write_sweep_csv(rows, path):
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=SWEEP_COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(buffer.getvalue()))
+    write_csv(rows, path, SWEEP_COLUMNS)
