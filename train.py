@@ -7,7 +7,7 @@ import torch
 
 from lib import cli, distributed
 from lib.data import channel_stats, load_split
-from lib.engine import TrainConfig, amp_helps, best_epoch, config_from_args, fit
+from lib.engine import TrainConfig, best_epoch, config_from_args, fit
 from lib.models import MODELS, build_model
 from lib.plots import plot_curves
 
@@ -32,8 +32,7 @@ def main(args):
     mean, std = channel_stats(train.images)
     torch.manual_seed(args.seed)
     model = build_model(args.model, len(train.classes), args.image_size)
-    config = config_from_args(args)
-    config.amp = args.amp == "on" or (args.amp == "auto" and amp_helps(device))
+    config = config_from_args(args, device)
     describe = {"model": args.model, "task": args.task, "classes": train.classes,
                 "image_size": args.image_size, "mean": mean, "std": std, "args": cli.plain_args(args)}
     if distributed.is_main():

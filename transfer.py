@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lib import cli, distributed, transfer
 from lib.data import load_split
-from lib.engine import amp_helps, config_from_args, fit
+from lib.engine import config_from_args, fit
 from lib.models import stage_count
 from lib.plots import plot_curves, plot_sweep
 
@@ -54,9 +54,7 @@ def main(args):
     run_dirs = _run_dirs(out, labels, args.overwrite, args.resume)
     train = load_split(args.data, "train", args.task, source["image_size"], args.skip_bad_images)
     val = load_split(args.data, "val", args.task, source["image_size"], args.skip_bad_images)
-    transfer.check_target_classes(train, val, args.data, args.task)
-    config = config_from_args(args)
-    config.amp = args.amp == "on" or (args.amp == "auto" and amp_helps(device))
+    config = config_from_args(args, device)
     if distributed.is_main():
         print(f"{model_name} from {args.source} to {args.task}: {len(train)} train / {len(val)} val "
               f"images, {len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")

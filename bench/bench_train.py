@@ -24,8 +24,8 @@ from lib import cli, distributed  # noqa: E402
 from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
 from lib.data import Split, channel_stats, load_split  # noqa: E402
-from lib.engine import (TrainConfig, _train_epoch, amp_helps, autocast, make_optimizer,  # noqa: E402
-                        predict_probs)
+from lib.engine import (TrainConfig, _train_epoch, autocast, make_optimizer,  # noqa: E402
+                        predict_probs, resolve_amp)
 from lib.errors import UserError  # noqa: E402
 from lib.models import MODELS, build_model  # noqa: E402
 
@@ -129,7 +129,7 @@ def main(args):
         raise UserError(f"--json {args.json}: already exists; use --overwrite to replace it")
     device = distributed.pick_device(args.device)
     config = TrainConfig(batch_size=args.batch_size, augment=args.augment, channels_last=args.channels_last,
-                         amp=args.amp == "on" or (args.amp == "auto" and amp_helps(device)))
+                         amp=resolve_amp(args.amp, device))
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
     train = load_split(args.data, "train", args.task, args.image_size, args.skip_bad_images)

@@ -62,6 +62,11 @@ def amp_helps(device):
     return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
 
 
+def resolve_amp(choice, device):
+    """--amp on|off|auto as a bool; auto means on where mixed precision pays."""
+    return choice == "on" or (choice == "auto" and amp_helps(device))
+
+
 @torch.no_grad()
 def predict_probs(model, images, mean, std, device, batch_size=256, amp=False, tta=False):
     """Class probabilities (float32, CPU) for uint8 images, in eval mode; tta adds the mirror."""
@@ -101,6 +106,20 @@ def _score(metrics):
     return (metrics["val_accuracy"], metrics["val_auroc"], -metrics["val_loss"])
 
 
+def check_splits(train, val):
+    """Training needs images of every class; validation needs two classes (AUROC, selection)."""
+    if train.labels is None or val.labels is None:
+        raise UserError("training needs labelled train and val splits")
+    missing = sorted(set(range(len(train.classes))) - set(train.labels.tolist()))
+    if missing:
+        raise UserError(f"the train split has no images of class(es) "
+                        f"{', '.join(train.classes[i] for i in missing)}")
+    found = len(val.labels.unique())
+    if found < 2:
+        raise UserError(f"the val split needs labelled images of at least two classes "
+                        f"(AUROC and model selection), found {len(val)} image(s) of {found} class")
+
+
 def best_epoch(history):
     """The history row with the best validation score (the one best.pt holds)."""
     return max(history, key=_score)
@@ -117,11 +136,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     """
     out = Path(out)
     mean, std = describe["mean"], describe["std"]
-    for name, split in (("train", train), ("val", val)):
-        if split.labels is None or len(split.labels.unique()) < 2:
-            raise UserError(f"the {name} split needs labelled images of at least two classes "
-                            f"(AUROC and model selection), found {len(split)} image(s) of "
-                            f"{0 if split.labels is None else len(split.labels.unique())} class(es)")
+    check_splits(train, val)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -246,6 +261,8 @@ def _train_epoch(net, frozen_modules, split, mean, std, config, optimizer, scale
     return epoch_metrics(distributed.gather_all(torch.cat(labels)), distributed.gather_all(torch.cat(probs)))
 
 
-def config_from_args(args):
-    """The TrainConfig fields picked out of parsed arguments (shared by train.py and transfer.py)."""
-    return TrainConfig(**{k: getattr(args, k) for k in asdict(TrainConfig()) if hasattr(args, k)})
+def config_from_args(args, device):
+    """The TrainConfig of parsed arguments (train.py and transfer.py), --amp auto resolved for `device`."""
+    fields = {k: getattr(args, k) for k in asdict(TrainConfig()) if hasattr(args, k)}
+    fields["amp"] = resolve_amp(args.amp, device)
+    return TrainConfig(**fields)

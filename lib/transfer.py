@@ -71,19 +71,6 @@ def freeze_stages(model, model_name, k):
     return frozen
 
 
-def check_target_classes(train, val, data, task):
-    """Every target class needs training images, and validation needs two classes for AUROC."""
-    if len(train.classes) < 2:
-        raise UserError(f"--data {data}: task {task!r} has {len(train.classes)} class(es); need at least 2")
-    missing = sorted(set(range(len(train.classes))) - set(train.labels.tolist()))
-    if missing:
-        raise UserError(f"--data {data}: task {task!r} has no training images of class(es) "
-                        f"{', '.join(train.classes[i] for i in missing)}")
-    if len(set(val.labels.tolist())) < 2:
-        raise UserError(f"--data {data}: the val split of task {task!r} holds a single class; "
-                        "AUROC cannot select a checkpoint")
-
-
 def build_target(source, source_path, num_classes, k, seed):
     """A fresh copy of the source network with a new head and the first k stages frozen."""
     model = model_from_checkpoint(source, where=f"--source {source_path}")

@@ -10,7 +10,8 @@ from lib.data import Split, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES
 from lib.errors import UserError
 from lib.models import build_model
-from lib.transfer import check_target_classes, load_source, resolve_freeze
+from lib.engine import check_splits
+from lib.transfer import load_source, resolve_freeze
 
 
 def _resnet_source(path):
@@ -108,7 +109,7 @@ def test_bad_source_or_target_data_is_a_clear_error(demo_data, source_run, tmp_p
     val = load_split(demo_data, "val", "target")
     only_first_class = Split(val.images[:30], val.labels[:30], val.classes, val.filenames[:30])
     assert set(only_first_class.labels.tolist()) == {0}
-    with pytest.raises(UserError, match=f"no training images of class.*{TARGET_CLASSES[1]}"):
-        check_target_classes(only_first_class, val, "DIR", "target")
-    with pytest.raises(UserError, match="val split .* single class"):
-        check_target_classes(val, only_first_class, "DIR", "target")
+    with pytest.raises(UserError, match=f"train split has no images of class.*{TARGET_CLASSES[1]}"):
+        check_splits(only_first_class, val)
+    with pytest.raises(UserError, match="val split needs .* at least two classes"):
+        check_splits(val, only_first_class)
