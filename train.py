@@ -7,8 +7,8 @@ import torch
 
 from lib import cli, distributed
 from lib.data import channel_stats, load_split
-from lib.engine import TrainConfig, best_epoch, config_from_args, fit
-from lib.models import MODELS, build_model
+from lib.engine import TrainConfig, best_epoch, config_from_args, cost_summary, fit
+from lib.models import MODELS, STEMS, build_model, resolve_stem
 from lib.plots import plot_curves
 
 RECIPE = TrainConfig()
@@ -18,6 +18,9 @@ def get_args_parser():
     parser = cli.make_parser(__doc__)
     cli.add_data_args(parser)
     parser.add_argument("--model", choices=list(MODELS), default="resnet18", help="architecture")
+    parser.add_argument("--stem", choices=["auto", *STEMS["resnet"]], default="auto",
+                        help="ResNets: 'stock' keeps torchvision's max-pool (4x fewer FLOPs), 'no-maxpool' "
+                             "drops it; auto: no-maxpool under 128 px")
     cli.add_training_args(parser, RECIPE)
     cli.add_run_args(parser, "output folder for checkpoints, metrics.csv and curves.png")
     return parser
@@ -31,9 +34,10 @@ def main(args):
     val = load_split(args.data, "val", args.task, args.image_size, args.skip_bad_images)
     mean, std = channel_stats(train.images)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, len(train.classes), args.image_size)
+    stem = resolve_stem(args.model, args.image_size, args.stem)
+    model = build_model(args.model, len(train.classes), args.image_size, stem)
     config = config_from_args(args, device)
-    describe = {"model": args.model, "task": args.task, "classes": train.classes,
+    describe = {"model": args.model, "stem": stem, "task": args.task, "classes": train.classes,
                 "image_size": args.image_size, "mean": mean, "std": std, "args": cli.plain_args(args)}
     if distributed.is_main():
         print(f"{args.model} on {args.task}: {len(train)} train / {len(val)} val images, "
@@ -44,7 +48,7 @@ def main(args):
         plot_curves(history, out / "curves.png")
         best = best_epoch(history)
         print(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.4f}, "
-              f"val AUROC {best['val_auroc']:.4f} -> {out / 'best.pt'}")
+              f"val AUROC {best['val_auroc']:.4f} -> {out / 'best.pt'}; {cost_summary(history)}")
     distributed.cleanup()
 
 

@@ -10,21 +10,14 @@ from pathlib import Path
 
 from lib import cli, distributed, transfer
 from lib.data import load_split
-from lib.engine import config_from_args, fit
+from lib.engine import config_from_args, cost_summary, fit
 from lib.models import stage_count
 from lib.plots import plot_curves, plot_sweep
 
 
 def get_args_parser():
     parser = cli.make_parser(__doc__)
-    parser.add_argument("--source", required=True, help="checkpoint to start from (train.py's best.pt)")
-    cli.add_data_args(parser, image_size=False)
-    parser.add_argument("--freeze", nargs="+", default=transfer.DEFAULT_FREEZE, metavar="K",
-                        help="how many stages to freeze, input side first: 0 fine-tunes everything, "
-                             "'all' trains only the head; several values run a sweep")
-    training = cli.add_training_args(parser, transfer.RECIPE)
-    training.add_argument("--lr-backbone", type=cli.positive_float, default=transfer.RECIPE.lr_backbone,
-                          help="learning rate of the unfrozen stages (None: the same as --lr)")
+    transfer.add_transfer_args(parser, sweep=True)
     cli.add_run_args(parser, "output folder for checkpoints, metrics.csv and curves.png (or the sweep)")
     return parser
 
@@ -74,7 +67,8 @@ def main(args):
             rows.append(row)
             plot_curves(histories[label], run_dir / "curves.png")
             print(f"best epoch {row['best_epoch']}: val accuracy {row['best_val_accuracy']:.4f}, "
-                  f"val AUROC {row['best_val_auroc']:.4f} -> {run_dir / 'best.pt'}")
+                  f"val AUROC {row['best_val_auroc']:.4f} -> {run_dir / 'best.pt'}; "
+                  f"{cost_summary(histories[label])}")
     if len(rows) > 1:
         print(transfer.format_sweep(rows))
         transfer.write_sweep_csv(rows, out / "sweep.csv")

@@ -42,21 +42,28 @@ def _uniform(n, low, high, generator):
     return low + (high - low) * torch.rand(n, generator=generator)
 
 
-def augment_batch(images, preset, generator):
-    """uint8 (N, 3, H, W) -> float (N, 3, H, W) in [0, 1], each image augmented independently."""
+def augment_batch(images, preset, generator, size=None):
+    """uint8 (N, 3, H, W) -> float (N, 3, size, size) in [0, 1], each image augmented independently.
+
+    size (default: the images' own) lets progressive resizing train early epochs on smaller
+    images; the affine resampling does the resize at no extra cost.
+    """
     x = images.float().div_(255)
     p = PRESETS[preset] if isinstance(preset, str) else preset
     n = x.shape[0]
+    size = size or x.shape[-1]
     if p == PRESETS["none"]:
+        if size != x.shape[-1]:
+            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
         return x
-    x = _affine(x, p, n, generator)
+    x = _affine(x, p, n, generator, size)
     x = _colour(x, p, n, generator)
     if p.erase:
         x = _erase(x, p.erase, n, generator)
     return x
 
 
-def _affine(x, p, n, generator):
+def _affine(x, p, n, generator, size):
     area = _uniform(n, *p.crop_scale, generator)
     ratio = torch.exp(_uniform(n, math.log(p.crop_ratio[0]), math.log(p.crop_ratio[1]), generator))
     width = torch.sqrt(area * ratio).clamp(max=1)
@@ -71,7 +78,7 @@ def _affine(x, p, n, generator):
         torch.stack([width * flip * cos, -height * sin, cx], dim=1),
         torch.stack([width * flip * sin, height * cos, cy], dim=1),
     ], dim=1).to(x.device)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, [n, x.shape[1], size, size], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
 
 

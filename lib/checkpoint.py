@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 torch.load(path, weights_only=True): a file that would run code on load is refused.
-Keys: format, model, classes, image_size, mean, std, args, epoch, metrics, state_dict, and for
+Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes, image_size, mean, std, args, epoch, metrics, state_dict, and for
 resuming training also optimizer, scheduler, rng, and lineage for transferred models.
 """
 import hashlib
@@ -57,7 +57,8 @@ def file_hash(path):
 
 def model_from_checkpoint(checkpoint, where="checkpoint"):
     """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
-    model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"])
+    model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"],
+                        checkpoint.get("stem"))
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

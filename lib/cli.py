@@ -50,6 +50,13 @@ def positive_float(text):
     return value
 
 
+def unit_interval(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def add_data_args(parser, image_size=True, data_required=True):
     """image_size=False for scripts that take the image size from a checkpoint;
     data_required=False for scripts that can read image files instead."""
@@ -86,8 +93,10 @@ def add_training_args(parser, defaults):
     group.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=defaults.optimizer)
     group.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate")
     group.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay)
-    group.add_argument("--scheduler", choices=["step", "cosine", "none"], default=defaults.scheduler,
-                       help="learning-rate schedule over the epochs")
+    group.add_argument("--scheduler", choices=["step", "cosine", "linear", "none"], default=defaults.scheduler,
+                       help="learning-rate schedule over the epochs (updated every step)")
+    group.add_argument("--warmup-epochs", type=non_negative_float, default=defaults.warmup_epochs,
+                       help="ramp the learning rate up linearly over this many epochs first")
     group.add_argument("--step-size", type=positive_int, default=defaults.step_size,
                        help="with --scheduler step: epochs between decays")
     group.add_argument("--gamma", type=positive_float, default=defaults.gamma,
@@ -97,6 +106,14 @@ def add_training_args(parser, defaults):
                        help="augmentation preset, from none to strong")
     group.add_argument("--patience", type=positive_int, default=defaults.patience,
                        help="stop after this many epochs without a better validation score")
+    group.add_argument("--ema", type=unit_interval, default=defaults.ema,
+                       help="decay of an exponential moving average of the weights, updated every step, "
+                            "which is validated and saved as best.pt; 0 turns it off")
+    group.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,
+                       help="validate every this many epochs (and after the last one)")
+    group.add_argument("--min-size", type=positive_int, default=defaults.min_size,
+                       help="progressive resizing: the first epochs train on images this small, growing "
+                            "to the full size by three quarters of the epochs")
     group.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                        help="mixed precision (bfloat16 on CPU, float16 on CUDA); auto: on where the "
                             "hardware has fast support (CUDA, CPUs with AMX or AVX512-BF16)")

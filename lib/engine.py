@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from lib import distributed
+from lib import distributed, flops
 from lib.augment import augment_batch, normalize
 from lib.checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from lib.errors import UserError
@@ -41,6 +42,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     augment: str = "standard"
     patience: int = 10
+    warmup_epochs: float = 0.0
+    ema: float = 0.0
+    eval_every: int = 1
+    min_size: int | None = None
     amp: bool = False
     channels_last: bool = False
     compile: bool = False
@@ -92,14 +97,39 @@ def make_optimizer(param_groups, name, lr, weight_decay):
     raise UserError(f"--optimizer {name}: choose adam, adamw or sgd")
 
 
-def make_scheduler(optimizer, name, epochs, step_size, gamma):
+def lr_factor(t, name, epochs, step_size, gamma, warmup_epochs):
+    """The learning-rate multiplier after t epochs (a float: the schedule moves every step)."""
     if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=step_size, gamma=gamma)
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
-    if name == "none":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    raise UserError(f"--scheduler {name}: choose step, cosine or none")
+        factor = gamma ** math.floor(t / step_size)
+    elif name == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(t / epochs, 1)))
+    elif name == "linear":
+        factor = max(1 - t / epochs, 0.0)
+    elif name == "none":
+        factor = 1.0
+    else:
+        raise UserError(f"--scheduler {name}: choose step, cosine, linear or none")
+    if warmup_epochs and t < warmup_epochs:
+        factor *= (t + 1e-3) / warmup_epochs
+    return factor
+
+
+def make_scheduler(optimizer, config, steps_per_epoch):
+    """Stepped after every batch, so short runs and warm-up get a smooth schedule."""
+    lr_factor(0, config.scheduler, config.epochs, config.step_size, config.gamma, 0)  # name check
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step / steps_per_epoch, config.scheduler, config.epochs, config.step_size, config.gamma,
+        config.warmup_epochs))
+
+
+def train_size(epoch, epochs, min_size, image_size):
+    """Progressive resizing: the side trained on in `epoch`, growing linearly from min_size to
+    image_size over the first three quarters of the epochs (multiples of 8), then full size."""
+    if not min_size or min_size >= image_size:
+        return image_size
+    ramp = max(round(0.75 * epochs) - 1, 1)
+    side = min_size + (image_size - min_size) * min((epoch - 1) / ramp, 1)
+    return min(image_size, int(round(side / 8) * 8))
 
 
 def _score(metrics):
@@ -120,9 +150,66 @@ def check_splits(train, val):
                         f"(AUROC and model selection), found {len(val)} image(s) of {found} class")
 
 
+def validated(history):
+    """The rows of epochs that were validated (with --eval-every, not all are)."""
+    return [row for row in history if row.get("val_loss") is not None]
+
+
 def best_epoch(history):
     """The history row with the best validation score (the one best.pt holds)."""
-    return max(history, key=_score)
+    return max(validated(history), key=_score)
+
+
+def cost_summary(history):
+    """The run's compute and time, for the scripts' last line."""
+    return (f"{len(history)} epochs, {history[-1]['total_tflop']:.2f} TFLOP, "
+            f"{sum(row['seconds'] for row in history):.0f} s")
+
+
+def _epoch_batches(split, seed, epoch, batch_size):
+    """This process's batches of one epoch, as index tensors.
+
+    Randomness is a function of (seed, epoch), not carried state, so a resumed run repeats an
+    uninterrupted one. The order is shared by all processes (each takes its equal-length
+    share, padded by DistributedSampler).
+    """
+    sampler = DistributedSampler(split, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                 shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler), dtype=torch.int64)
+    local_batch = max(batch_size // distributed.world_size(), 1)
+    # Drop a last batch of one image: BatchNorm cannot train on it.
+    batches = [order[i:i + local_batch] for i in range(0, len(order), local_batch)]
+    if len(batches) > 1 and len(batches[-1]) < 2:
+        batches.pop()
+    return batches
+
+
+def _ema_update(decay):
+    """AveragedModel's update with a warm-up: the decay grows towards `decay` as (1 + n) / (10 + n),
+    so the average is not dominated by the random initial weights in a short run."""
+    @torch.no_grad()
+    def update(averaged, current, n_averaged):
+        step_decay = min(decay, (1 + float(n_averaged)) / (10 + float(n_averaged)))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, 1 - step_decay)
+        else:  # BatchNorm's step counters
+            torch._foreach_copy_(averaged, current)
+    return update
+
+
+class ComputeCounter:
+    """FLOPs of a run: training images forward and backward at each epoch's size, validation
+    images forward, each size counted once (lib.flops)."""
+
+    def __init__(self, model, num_classes, image_size):
+        self.model, self.num_classes, self.image_size = model, num_classes, image_size
+        self.train_per_image, self.eval_per_image = {}, flops.inference_flops(model, image_size)
+
+    def epoch(self, train_images, size, val_images):
+        if size not in self.train_per_image:
+            self.train_per_image[size] = flops.training_flops(self.model, size, self.num_classes)
+        return train_images * self.train_per_image[size] + val_images * self.eval_per_image
 
 
 def fit(model, train, val, *, describe, config, out, device, seed, param_groups=None,
@@ -132,24 +219,31 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     describe: the self-describing part of every checkpoint (model, classes, image size,
     mean/std, args, lineage). param_groups: optimizer groups (default: all trainable
     parameters). frozen_modules stay in eval mode so their BatchNorm statistics do not move.
-    Returns the history, a list of per-epoch metric dicts.
+    With config.ema the exponential moving average of the weights is what is validated and
+    saved as best.pt. Returns the history, a list of per-epoch metric dicts.
     """
     out = Path(out)
-    mean, std = describe["mean"], describe["std"]
+    mean, std, image_size = describe["mean"], describe["std"], describe["image_size"]
     check_splits(train, val)
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer = make_optimizer(groups, config.optimizer, config.lr, config.weight_decay)
-    scheduler = make_scheduler(optimizer, config.scheduler, config.epochs, config.step_size, config.gamma)
+    steps_per_epoch = len(_epoch_batches(train, seed, 1, config.batch_size))
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    ema = AveragedModel(model, multi_avg_fn=_ema_update(config.ema), use_buffers=True) if config.ema else None
+    evaluated = ema.module if ema else model
+    compute = ComputeCounter(model, len(train.classes), image_size)
     history, best, start_epoch, stale = [], None, 1, 0
     if resume:
         state = load_checkpoint(out / "last.pt")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema:
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["rng"]["torch"])
         history, best, stale = state["history"], state["best_score"], state["stale_epochs"]
         start_epoch = state["epoch"] + 1
@@ -177,40 +271,54 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             if best is not None and stale >= config.patience:
                 break
             started = time.perf_counter()
-            train_stats = _train_epoch(net, frozen_modules, train, mean, std, config, optimizer, scaler,
-                                       seed, device, epoch)
-            scheduler.step()
+            size = train_size(epoch, config.epochs, config.min_size, image_size)
+            batches = _epoch_batches(train, seed, epoch, config.batch_size)
+            train_stats, lr = _train_epoch(net, model, ema, frozen_modules, train, batches, mean, std, config,
+                                           optimizer, scheduler, scaler, seed, device, epoch, size)
             distributed.average_buffers(model)
-            val_probs = distributed.gather_in_order(
-                predict_probs(model, distributed.shard(val.images), mean, std, device, amp=config.amp), len(val))
-            val_stats = epoch_metrics(val.labels, val_probs)
-            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+            if ema:
+                distributed.average_buffers(ema.module)
+            validate = epoch % config.eval_every == 0 or epoch == config.epochs
+            if validate:
+                val_probs = distributed.gather_in_order(
+                    predict_probs(evaluated, distributed.shard(val.images), mean, std, device, amp=config.amp),
+                    len(val))
+                val_stats = epoch_metrics(val.labels, val_probs)
+            else:
+                val_stats = {"loss": None, "accuracy": None, "auroc": None}
+            tflop = compute.epoch(sum(len(b) for b in batches) * distributed.world_size(), size,
+                                  len(val) if validate else 0) / 1e12
+            row = {"epoch": epoch, "size": size, **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items()},
-                   "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - started}
+                   "lr": lr, "seconds": time.perf_counter() - started, "tflop": tflop,
+                   "total_tflop": tflop + (history[-1]["total_tflop"] if history else 0.0)}
             history.append(row)
             # Every process computes the same row from the same gathered numbers, so the
             # best/stale bookkeeping and the early-stopping decision agree without a broadcast.
-            improved = best is None or _score(row) > tuple(best)
+            improved = validate and (best is None or _score(row) > tuple(best))
             if improved:
                 best, stale = list(_score(row)), 0
-            else:
-                stale += 1
+            elif validate:
+                stale += config.eval_every
             if distributed.is_main():
                 checkpoint = {"format": FORMAT, **describe, "epoch": epoch, "metrics": row,
-                              "state_dict": model.state_dict()}
+                              "state_dict": evaluated.state_dict()}
                 if improved:
                     save_checkpoint(checkpoint, out / "best.pt")
-                save_checkpoint({**checkpoint, "optimizer": optimizer.state_dict(),
+                save_checkpoint({**checkpoint, "state_dict": model.state_dict(),
+                                 **({"ema": ema.state_dict()} if ema else {}),
+                                 "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "history": history,
                                  "best_score": best, "stale_epochs": stale,
                                  "rng": {"torch": torch.get_rng_state()}},
                                 out / "last.pt")
                 write_csv(history, out / "metrics.csv")
                 saved = epoch
-                print(f"epoch {epoch:3d}/{config.epochs}  train loss {row['train_loss']:.3f} "
-                      f"acc {row['train_accuracy']:.3f}  val loss {row['val_loss']:.3f} "
-                      f"acc {row['val_accuracy']:.3f} auroc {row['val_auroc']:.4f}  "
-                      f"{row['seconds']:.1f}s{'  *best' if improved else ''}", flush=True)
+                scores = (f"val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f} "
+                          f"auroc {row['val_auroc']:.4f}" if validate else "(not validated)")
+                print(f"epoch {epoch:3d}/{config.epochs}  {size}px  train loss {row['train_loss']:.3f} "
+                      f"acc {row['train_accuracy']:.3f}  {scores}  {row['seconds']:.1f}s "
+                      f"{row['tflop']:.2f} TFLOP{'  *best' if improved else ''}", flush=True)
     except KeyboardInterrupt:
         # last.pt holds the last finished epoch (saved atomically), from which --resume is exact.
         if distributed.is_main():
@@ -220,29 +328,20 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     return history
 
 
-def _train_epoch(net, frozen_modules, split, mean, std, config, optimizer, scaler, seed, device, epoch):
+def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, config, optimizer, scheduler, scaler,
+                 seed, device, epoch, size):
+    """One pass over `batches`; returns the epoch's training metrics and mean learning rate."""
     net.train()
     for module in frozen_modules:
         module.eval()
-    # Randomness is a function of (seed, epoch), not carried state, so a resumed run repeats an
-    # uninterrupted one. The order is shared by all processes (each takes its equal-length
-    # share, padded by DistributedSampler); augmentation differs per process.
-    sampler = DistributedSampler(split, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                 shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    order = torch.tensor(list(sampler), dtype=torch.int64)
+    # Augmentation differs per process and epoch, and repeats for the same seed.
     augment_seed = ((seed * 1_000_003 + epoch) * 1_009 + distributed.rank()) % 2**63
     generator = torch.Generator().manual_seed(augment_seed)
-    local_batch = max(config.batch_size // distributed.world_size(), 1)
-    # Drop a last batch of one image: BatchNorm cannot train on it.
-    batches = [order[i:i + local_batch] for i in range(0, len(order), local_batch)]
-    if len(batches) > 1 and len(batches[-1]) < 2:
-        batches.pop()
-    labels, probs = [], []
+    labels, probs, rates = [], [], []
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr,
                disable=None if distributed.is_main() else True)
     for index in bar:
-        x = normalize(augment_batch(split.images[index], config.augment, generator).to(device), mean, std)
+        x = normalize(augment_batch(split.images[index], config.augment, generator, size).to(device), mean, std)
         y = split.labels[index].to(device)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -255,10 +354,15 @@ def _train_epoch(net, frozen_modules, split, mean, std, config, optimizer, scale
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
+        rates.append(optimizer.param_groups[-1]["lr"])
+        scheduler.step()
+        if ema:
+            ema.update_parameters(model)
         labels.append(y.cpu())
         probs.append(F.softmax(logits.detach().float(), dim=1).cpu())
     # Plain cross-entropy of the augmented batches (of all processes), comparable with the validation loss.
-    return epoch_metrics(distributed.gather_all(torch.cat(labels)), distributed.gather_all(torch.cat(probs)))
+    stats = epoch_metrics(distributed.gather_all(torch.cat(labels)), distributed.gather_all(torch.cat(probs)))
+    return stats, sum(rates) / len(rates)
 
 
 def config_from_args(args, device):

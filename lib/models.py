@@ -5,6 +5,7 @@ ResNets on small photos: torchvision's ResNets shrink the input 4x before layer1
 under 128 pixels we drop the max-pool, so layer1 works at 32x32 and layer4 at 4x4. Everything
 else is torchvision's model, trained from scratch (no downloaded weights).
 """
+import torch
 import torch.nn as nn
 import torchvision
 
@@ -36,17 +37,55 @@ class CNN3(nn.Module):
         return self.fc(x.flatten(1))
 
 
+def _conv_bn_relu(inputs, outputs, stride=1):
+    return [nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU(inplace=True)]
+
+
+class FastNet(nn.Module):
+    """A compact network in the style of the CIFAR-10 speed records (Page's ResNet-9, Jordan's
+    airbench): few, wide 3x3 convolutions at low resolution, which is where CPUs compute fastest.
+
+    A stride-2 stem (3->32, so a 64x64 photo is worked on at 32x32), then three blocks of
+    conv -> 2x2 max-pool -> BatchNorm -> ReLU -> conv -> BatchNorm -> ReLU at widths 64, 128 and
+    256, a global max-pool and one linear layer: 1.2M parameters and 0.17 GFLOP per 64x64
+    image, against ResNet-18's 11.2M and 1.13 GFLOP without its max-pool (0.30 with it).
+    Any input size divisible by 16 works (progressive resizing trains on smaller ones).
+    """
+
+    def __init__(self, num_classes, widths=(64, 128, 256), stem=32):
+        super().__init__()
+        self.conv1 = nn.Sequential(*_conv_bn_relu(3, stem, 2))
+        blocks, inputs = [], stem
+        for width in widths:
+            blocks.append(nn.Sequential(nn.Conv2d(inputs, width, 3, 1, 1, bias=False), nn.MaxPool2d(2),
+                                        nn.BatchNorm2d(width), nn.ReLU(inplace=True), *_conv_bn_relu(width, width)))
+            inputs = width
+        self.layer1, self.layer2, self.layer3 = blocks
+        self.fc = nn.Linear(inputs, num_classes)
+
+    def forward(self, x):
+        x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
+        return self.fc(torch.amax(x, dim=(2, 3)))
+
+
 def _resnet(builder):
-    def build(num_classes, image_size):
+    def build(num_classes, image_size, stem):
         model = builder(weights=None, num_classes=num_classes)
-        if image_size < SMALL_INPUT:
+        if stem == "no-maxpool":
             model.maxpool = nn.Identity()
         return model
     return build
 
 
+def _plain(builder):
+    """A model with one stem (nothing to choose)."""
+    return lambda num_classes, image_size, stem: builder(num_classes, image_size)
+
+
 MODELS = {
-    "cnn3": CNN3,
+    "cnn3": _plain(CNN3),
+    "fastnet": _plain(lambda num_classes, image_size: FastNet(num_classes)),
+    "fast_s": _plain(lambda num_classes, image_size: FastNet(num_classes)),
     "resnet18": _resnet(torchvision.models.resnet18),
     "resnet34": _resnet(torchvision.models.resnet34),
     "resnet50": _resnet(torchvision.models.resnet50),
@@ -55,6 +94,7 @@ MODELS = {
 # Freezable stages in input-to-output order; the head (classifier) is never a stage.
 STAGES = {
     "cnn3": [["conv1"], ["conv2"], ["conv3"]],
+    "fastnet": [["conv1"], ["layer1"], ["layer2"], ["layer3"]],
     "resnet": [["conv1", "bn1"], ["layer1"], ["layer2"], ["layer3"], ["layer4"]],
 }
 HEAD = "fc"
@@ -62,17 +102,35 @@ HEAD = "fc"
 # layer4 of a ResNet is 4x4 on a 64x64 photo: too coarse for a useful map. layer3 (8x8)
 # keeps enough resolution while still seeing whole building parts.
 # cnn3: conv2 after its ReLU (8x8); CAM methods assume non-negative activations.
-CAM_LAYER = {"cnn3": "relu2", "resnet": "layer3"}
+CAM_LAYER = {"cnn3": "relu2", "resnet": "layer3", "fastnet": "layer2"}
 
 
 def _family(name):
-    return "resnet" if name.startswith("resnet") else name
+    return "resnet" if name.startswith("resnet") else "fastnet" if name.startswith("fast") else name
 
 
-def build_model(name, num_classes, image_size=64):
+# A stem variant changes the network but not its weights (a max-pool has none), so a checkpoint
+# records its stem: loaded into the other variant it would run, silently wrong.
+STEMS = {"resnet": ("no-maxpool", "stock")}
+SINGLE_STEM = "standard"
+
+
+def resolve_stem(name, image_size, stem=None):
+    """The stem a model is built with. None or "auto": ResNets drop the max-pool under 128 px
+    (the rule every checkpoint without a "stem" entry was built by); other models have one stem."""
+    family = _family(name)
+    choices = STEMS.get(family, (SINGLE_STEM,))
+    if stem in (None, "auto"):
+        return ("no-maxpool" if image_size < SMALL_INPUT else "stock") if family == "resnet" else SINGLE_STEM
+    if stem not in choices:
+        raise UserError(f"--stem {stem}: {name} has the stem(s) {', '.join(choices)}")
+    return stem
+
+
+def build_model(name, num_classes, image_size=64, stem=None):
     if name not in MODELS:
         raise UserError(f"--model {name}: unknown model; choose from {', '.join(MODELS)}")
-    return MODELS[name](num_classes, image_size)
+    return MODELS[name](num_classes, image_size, resolve_stem(name, image_size, stem))
 
 
 def stage_count(name):

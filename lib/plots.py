@@ -16,12 +16,13 @@ def save_figure(fig, path):
 
 
 def plot_curves(history, path):
-    """Loss, accuracy and AUROC per epoch, train and validation."""
-    epochs = [row["epoch"] for row in history]
+    """Loss, accuracy and AUROC per epoch, train and validation (validated epochs only)."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for ax, metric in zip(axes, ["loss", "accuracy", "auroc"]):
         for part in ("train", "val"):
-            ax.plot(epochs, [row[f"{part}_{metric}"] for row in history], marker=".", label=part)
+            rows = [row for row in history if row[f"{part}_{metric}"] is not None]
+            ax.plot([row["epoch"] for row in rows], [row[f"{part}_{metric}"] for row in rows], marker=".",
+                    label=part)
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
@@ -93,7 +94,7 @@ def plot_sweep(rows, histories, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     for ax, metric in zip(axes, ["auroc", "accuracy"]):
         for row in rows:
-            history = histories[row["frozen_stages"]]
+            history = [r for r in histories[row["frozen_stages"]] if r["val_loss"] is not None]
             ax.plot([r["epoch"] for r in history], [r[f"val_{metric}"] for r in history], marker=".",
                     label=f"freeze {row['frozen_stages']} ({row['trainable_params']:,} trainable)")
         ax.set_xlabel("epoch")

@@ -17,7 +17,7 @@ from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from lib.engine import TrainConfig
 from lib.errors import UserError
 from lib.files import write_csv
-from lib.models import HEAD, MODELS, replace_head, stage_count, stages
+from lib.models import HEAD, MODELS, replace_head, resolve_stem, stage_count, stages
 
 # The recommended transfer recipe: transfer.py's defaults. Tune it here, nowhere else.
 # Measured on the landmarks (README): freezing the stem and layer1 is as accurate as
@@ -27,7 +27,21 @@ RECIPE = TrainConfig(epochs=20, lr=1e-3, patience=8, augment="strong")
 DEFAULT_FREEZE = ["2"]
 
 SWEEP_COLUMNS = ["frozen_stages", "trainable_params", "best_epoch", "best_val_auroc",
-                 "best_val_accuracy", "epochs", "seconds"]
+                 "best_val_accuracy", "best_val_loss", "epochs", "tflop", "seconds"]
+
+
+def add_transfer_args(parser, sweep):
+    """The flags of transfer.py and crossval.py: source, data, frozen stages and the recipe."""
+    from lib import cli
+
+    parser.add_argument("--source", required=True, help="checkpoint to start from (train.py's best.pt)")
+    cli.add_data_args(parser, image_size=False)
+    parser.add_argument("--freeze", nargs="+" if sweep else None, default=DEFAULT_FREEZE if sweep else DEFAULT_FREEZE[0],
+                        metavar="K", help="how many stages to freeze, input side first: 0 fine-tunes everything, "
+                                          "'all' trains only the head" + ("; several values run a sweep" if sweep else ""))
+    training = cli.add_training_args(parser, RECIPE)
+    training.add_argument("--lr-backbone", type=cli.positive_float, default=RECIPE.lr_backbone,
+                          help="learning rate of the unfrozen stages (None: the same as --lr)")
 
 
 def load_source(path):
@@ -102,7 +116,8 @@ def lineage(source_path, k, model_name):
 
 def target_describe(source, task, classes, args, lineage_entry):
     """The target checkpoint's description: the source's preprocessing, the target's classes."""
-    return {"model": source["model"], "task": task, "classes": list(classes),
+    return {"model": source["model"], "stem": resolve_stem(source["model"], source["image_size"], source.get("stem")),
+            "task": task, "classes": list(classes),
             "image_size": source["image_size"], "mean": source["mean"], "std": source["std"],
             "args": args, "lineage": lineage_entry}
 
@@ -113,17 +128,18 @@ def run_summary(label, model, run_dir):
     history = load_checkpoint(Path(run_dir) / "last.pt")["history"]
     return {"frozen_stages": label, "trainable_params": trainable_params(model),
             "best_epoch": best["epoch"], "best_val_auroc": best["val_auroc"],
-            "best_val_accuracy": best["val_accuracy"], "epochs": len(history),
+            "best_val_accuracy": best["val_accuracy"], "best_val_loss": best["val_loss"],
+            "epochs": len(history), "tflop": history[-1]["total_tflop"],
             "seconds": sum(row["seconds"] for row in history)}, history
 
 
 def format_sweep(rows):
-    lines = [f"{'frozen':>6} {'trainable':>10} {'best ep':>7} {'val AUROC':>9} {'val acc':>7} "
-             f"{'epochs':>6} {'seconds':>8}"]
+    lines = [f"{'frozen':>6} {'trainable':>10} {'best ep':>7} {'val AUROC':>9} {'val acc':>7} {'val loss':>8} "
+             f"{'epochs':>6} {'TFLOP':>7} {'seconds':>8}"]
     for r in rows:
         lines.append(f"{r['frozen_stages']:>6} {r['trainable_params']:>10,} {r['best_epoch']:>7} "
-                     f"{r['best_val_auroc']:>9.4f} {r['best_val_accuracy']:>7.4f} {r['epochs']:>6} "
-                     f"{r['seconds']:>8.1f}")
+                     f"{r['best_val_auroc']:>9.4f} {r['best_val_accuracy']:>7.4f} {r['best_val_loss']:>8.4f} "
+                     f"{r['epochs']:>6} {r['tflop']:>7.2f} {r['seconds']:>8.1f}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,37 @@
+"""Compute per image, counted once per model and input size with torch.utils.flop_counter.
+
+FLOPs are the same on every machine, unlike seconds: a reader turns them into minutes with
+the GFLOP/s that bench/bench_train.py measures on their own CPU. A multiply-add counts as two
+FLOPs (PyTorch's convention). Only convolutions, matrix products and the like are counted;
+element-wise work (BatchNorm, ReLU, augmentation) is a few per cent and left out.
+"""
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+_BATCH = 2  # BatchNorm in training mode needs more than one image
+
+
+def _count(run):
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return counter.get_total_flops() / _BATCH
+
+
+def training_flops(model, image_size, num_classes):
+    """FLOPs of one training image: forward and backward as the model is set up (frozen
+    stages at the input side need no backward, so they cost a forward only)."""
+    scratch = copy.deepcopy(model).cpu().float().train()
+    x = torch.zeros(_BATCH, 3, image_size, image_size)
+    y = torch.zeros(_BATCH, dtype=torch.int64) % num_classes
+    return _count(lambda: F.cross_entropy(scratch(x), y).backward())
+
+
+def inference_flops(model, image_size):
+    """FLOPs of classifying one image (eval mode, forward only)."""
+    scratch = copy.deepcopy(model).cpu().float().eval()
+    x = torch.zeros(_BATCH, 3, image_size, image_size)
+    with torch.no_grad():
+        return _count(lambda: scratch(x))
