@@ -113,8 +113,8 @@ def bench_model(name, train, val, mean, std, config, args, device):
     augment_s = [timed(lambda: normalize(augment_batch(train.images[:batch], config.augment, generator)
                                          .to(device), mean, std), device) for _ in range(args.repeats)]
     n_eval = min(len(val), 1024)
-    predict_probs(net, val.images[:256], mean, std, device, amp=config.amp)
-    eval_s = [timed(lambda: predict_probs(net, val.images[:n_eval], mean, std, device, amp=config.amp), device)
+    predict_probs(net, val.images[:256], mean, std, device)
+    eval_s = [timed(lambda: predict_probs(net, val.images[:n_eval], mean, std, device), device)
               for _ in range(args.repeats)]
     samples = {"bare": rates(args.steps * batch, bare_s), "loop": rates(n_loop, loop_s),
                "augment": rates(batch, augment_s), "eval": rates(n_eval, eval_s)}

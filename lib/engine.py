@@ -2,9 +2,11 @@
 
 Splits live in memory as uint8 tensors; each step indexes a batch, augments it as a whole and
 normalises it with the checkpoint's mean/std. Every epoch writes OUT/last.pt (everything needed
-to resume exactly: weights, optimizer, scheduler, random states, history) and OUT/best.pt when
-the validation score improves. The score is validation accuracy, ties broken by AUROC, then by
-lower loss. Early stopping ends training after `patience` epochs without improvement.
+to resume exactly: weights, optimizer, scheduler, gradient scaler, random states, history) and
+OUT/best.pt when the validation score improves. The score is validation accuracy, ties broken by
+AUROC, then by lower loss, always computed in float32 (mixed precision is for training only), so
+evaluate.py reproduces the numbers best.pt was chosen on. Early stopping ends training after
+`patience` epochs without improvement.
 """
 import math
 import sys
@@ -21,7 +23,7 @@ from tqdm import tqdm
 
 from lib import distributed
 from lib.augment import augment_batch, normalize
-from lib.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from lib.checkpoint import FORMAT, check_resume, load_checkpoint, save_checkpoint
 from lib.errors import UserError
 from lib.files import write_csv
 from lib.metrics import epoch_metrics
@@ -67,17 +69,25 @@ def resolve_amp(choice, device):
     return choice == "on" or (choice == "auto" and amp_helps(device))
 
 
+def make_scaler(device, amp):
+    """float16 on CUDA needs loss scaling; bfloat16 and float32 do not (a disabled scaler)."""
+    return torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+
+
 @torch.no_grad()
-def predict_probs(model, images, mean, std, device, batch_size=256, amp=False, tta=False):
-    """Class probabilities (float32, CPU) for uint8 images, in eval mode; tta adds the mirror."""
+def predict_probs(model, images, mean, std, device, batch_size=256, tta=False):
+    """Class probabilities (float32, CPU) for uint8 images, in eval mode; tta adds the mirror.
+
+    Always float32: validation, evaluate.py, explain.py and the export check all see the
+    same numbers for the same weights.
+    """
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(device).float().div_(255), mean, std)
-        with autocast(device, amp):
-            probs = F.softmax(model(x).float(), dim=1)
-            if tta:
-                probs = (probs + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
+        probs = F.softmax(model(x).float(), dim=1)
+        if tta:
+            probs = (probs + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
         out.append(probs.cpu())
     return torch.cat(out) if out else torch.empty(0)
 
@@ -120,6 +130,26 @@ def check_splits(train, val):
                         f"(AUROC and model selection), found {len(val)} image(s) of {found} class")
 
 
+def convert_sync_bn(model, frozen_modules):
+    """SyncBatchNorm in place of BatchNorm; returns the model and the frozen modules as they are now.
+
+    convert_sync_batchnorm puts new module objects where BatchNorm layers were, so a frozen
+    BatchNorm held by reference would no longer be part of the model: it would be the old
+    object that is kept in eval mode while the new one trains and moves its statistics.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    frozen_names = [names[id(module)] for module in frozen_modules]
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, [model.get_submodule(name) for name in frozen_names]
+
+
+def set_train_mode(net, frozen_modules):
+    """Training mode, except for frozen stages: their BatchNorm statistics must not move."""
+    net.train()
+    for module in frozen_modules:
+        module.eval()
+
+
 def best_epoch(history):
     """The history row with the best validation score (the one best.pt holds)."""
     return max(history, key=_score)
@@ -143,13 +173,16 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer = make_optimizer(groups, config.optimizer, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config.scheduler, config.epochs, config.step_size, config.gamma)
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    scaler = make_scaler(device, config.amp)
     history, best, start_epoch, stale = [], None, 1, 0
     if resume:
         state = load_checkpoint(out / "last.pt")
+        check_resume(state, describe, out / "last.pt")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty when saved by a disabled (non-CUDA or non-AMP) scaler
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         history, best, stale = state["history"], state["best_score"], state["stale_epochs"]
         start_epoch = state["epoch"] + 1
@@ -161,7 +194,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs only on GPUs; on CPU leave it off "
                             "(BatchNorm statistics are then averaged across processes after each epoch)")
         if config.sync_bn:
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net, frozen_modules = convert_sync_bn(net, frozen_modules)
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         if distributed.is_main():
             print(f"DistributedDataParallel over {distributed.world_size()} processes "
@@ -177,16 +210,17 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             if best is not None and stale >= config.patience:
                 break
             started = time.perf_counter()
+            lr = optimizer.param_groups[-1]["lr"]  # the rate this epoch trains with
             train_stats = _train_epoch(net, frozen_modules, train, mean, std, config, optimizer, scaler,
                                        seed, device, epoch)
             scheduler.step()
             distributed.average_buffers(model)
             val_probs = distributed.gather_in_order(
-                predict_probs(model, distributed.shard(val.images), mean, std, device, amp=config.amp), len(val))
+                predict_probs(model, distributed.shard(val.images), mean, std, device), len(val))
             val_stats = epoch_metrics(val.labels, val_probs)
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items()},
-                   "lr": optimizer.param_groups[-1]["lr"], "seconds": time.perf_counter() - started}
+                   "lr": lr, "seconds": time.perf_counter() - started}
             history.append(row)
             # Every process computes the same row from the same gathered numbers, so the
             # best/stale bookkeeping and the early-stopping decision agree without a broadcast.
@@ -201,7 +235,8 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                 if improved:
                     save_checkpoint(checkpoint, out / "best.pt")
                 save_checkpoint({**checkpoint, "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "history": history,
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                 "history": history,
                                  "best_score": best, "stale_epochs": stale,
                                  "rng": {"torch": torch.get_rng_state()}},
                                 out / "last.pt")
@@ -221,9 +256,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
 
 
 def _train_epoch(net, frozen_modules, split, mean, std, config, optimizer, scaler, seed, device, epoch):
-    net.train()
-    for module in frozen_modules:
-        module.eval()
+    set_train_mode(net, frozen_modules)
     # Randomness is a function of (seed, epoch), not carried state, so a resumed run repeats an
     # uninterrupted one. The order is shared by all processes (each takes its equal-length
     # share, padded by DistributedSampler); augmentation differs per process.
@@ -249,8 +282,14 @@ def _train_epoch(net, frozen_modules, split, mean, std, config, optimizer, scale
         with autocast(device, config.amp):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
+        # Decided by all processes together: one raising alone would leave the others waiting
+        # in backward's all-reduce forever.
+        value = loss.item()
+        diverged = distributed.count_true(not math.isfinite(value), device)
+        if diverged:
+            what = (f"non-finite loss on {diverged} of {distributed.world_size()} processes"
+                    if distributed.world_size() > 1 else f"loss {value}")
+            raise UserError(f"training diverged at epoch {epoch} ({what}); lower --lr")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
