@@ -28,7 +28,7 @@ from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
 from lib.data import Split, channel_stats, load_split  # noqa: E402
 from lib.engine import (TrainConfig, _epoch_batches, _train_epoch, amp_helps, autocast,  # noqa: E402
-                        make_optimizer, make_scheduler, predict_probs)
+                        make_optimizer, make_scaler, make_scheduler, predict_probs)
 from lib.flops import inference_flops, training_flops  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.models import MODELS, build_model  # noqa: E402
@@ -87,7 +87,7 @@ def bench_model(name, train, val, mean, std, config, args, device):
         model.to(memory_format=torch.channels_last)
     net = torch.compile(model) if args.compile else model
     optimizer = make_optimizer(model.parameters(), config.optimizer, config.lr, config.weight_decay)
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    scaler = make_scaler(device, config.amp)
     batch = config.batch_size
     x = torch.randn(batch, 3, args.image_size, args.image_size, device=device)
     if config.channels_last:
@@ -127,8 +127,8 @@ def bench_model(name, train, val, mean, std, config, args, device):
     augment_s = [timed(lambda: normalize(augment_batch(train.images[:batch], config.augment, generator)
                                          .to(device), mean, std), device) for _ in range(args.repeats)]
     n_eval = min(len(val), 1024)
-    predict_probs(net, val.images[:256], mean, std, device, amp=config.amp)
-    eval_s = [timed(lambda: predict_probs(net, val.images[:n_eval], mean, std, device, amp=config.amp), device)
+    predict_probs(net, val.images[:256], mean, std, device)
+    eval_s = [timed(lambda: predict_probs(net, val.images[:n_eval], mean, std, device), device)
               for _ in range(args.repeats)]
     samples = {"bare": rates(args.steps * batch, bare_s), "loop": rates(n_loop, loop_s),
                "augment": rates(batch, augment_s), "eval": rates(n_eval, eval_s)}

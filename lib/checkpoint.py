@@ -65,3 +65,45 @@ def model_from_checkpoint(checkpoint, where="checkpoint"):
         raise UserError(f"{where}: weights do not fit model {checkpoint['model']!r} "
                         f"({str(error).splitlines()[0]})") from None
     return model.eval()
+
+
+def _data_location(data):
+    """--data as a comparable value: 'demo', or the folder's resolved path."""
+    return data if data in (None, "demo") else str(Path(data).resolve())
+
+
+def resume_mismatches(saved, describe):
+    """The flags whose values differ between the run in `saved` (last.pt) and this command line.
+
+    describe is the new run's checkpoint description. A transferred run takes its model and
+    image size from --source, so there those are --source's to answer for.
+    """
+    transferred = "lineage" in describe
+    saved_lineage, lineage = saved.get("lineage") or {}, describe.get("lineage") or {}
+    checks = [
+        ("--source" if transferred else "--model", saved.get("model"), describe.get("model")),
+        ("--task", saved.get("task"), describe.get("task")),
+        ("--data", _data_location(saved.get("args", {}).get("data")), _data_location(describe["args"].get("data"))),
+        ("--source" if transferred else "--image-size", saved.get("image_size"), describe.get("image_size")),
+        ("--source", saved_lineage.get("source_sha256"), lineage.get("source_sha256")),
+        ("--freeze", saved_lineage.get("frozen_stages"), lineage.get("frozen_stages")),
+    ]
+    flags = list(dict.fromkeys(flag for flag, old, new in checks if old != new))
+    # Another task has other classes anyway; the same task and folder with other classes
+    # means the data changed under the run.
+    if not {"--task", "--data"} & set(flags) and list(saved.get("classes", [])) != list(describe["classes"]):
+        flags.append("--data")
+    return flags
+
+
+def check_resume(saved, describe, path):
+    """Refuse to continue a run under different settings, in one line naming the flags."""
+    flags = resume_mismatches(saved, describe)
+    if flags:
+        was = {"--model": saved.get("model"), "--task": saved.get("task"),
+               "--data": saved.get("args", {}).get("data"), "--image-size": saved.get("image_size"),
+               "--source": (saved.get("lineage") or {}).get("source"),
+               "--freeze": (saved.get("lineage") or {}).get("frozen_stages")}
+        raise UserError(f"--resume: {path} belongs to a run with different {', '.join(flags)} "
+                        f"(it had {' '.join(f'{flag} {was[flag]}' for flag in flags)}); "
+                        "resume with the same settings, or start a new --out")

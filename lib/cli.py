@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from lib.errors import UserError
+from lib.files import remove_stale_temporaries
 
 
 class Parser(argparse.ArgumentParser):
@@ -115,7 +116,8 @@ def add_training_args(parser, defaults):
                        help="progressive resizing: the first epochs train on images this small, growing "
                             "to the full size by three quarters of the epochs")
     group.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
-                       help="mixed precision (bfloat16 on CPU, float16 on CUDA); auto: on where the "
+                       help="mixed precision for training (bfloat16 on CPU, float16 on CUDA; validation is always "
+                            "float32); auto: on where the "
                             "hardware has fast support (CUDA, CPUs with AMX or AVX512-BF16)")
     group.add_argument("--channels-last", action="store_true", help="channels-last memory format")
     group.add_argument("--compile", action="store_true",
@@ -126,19 +128,23 @@ def add_training_args(parser, defaults):
 
 
 def prepare_out_dir(out, overwrite=False, resume=False, markers=("last.pt", "best.pt")):
-    """Create the output folder; refuse one that holds an earlier run unless told what to do."""
+    """Create the output folder; refuse one that holds an earlier run unless told what to do.
+    Temporary files that a killed write left in it are removed."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
     if resume:
         if not (out / "last.pt").is_file():
             raise UserError(f"--resume: no {out / 'last.pt'} to resume from")
-        return out
-    existing = [m for m in markers if (out / m).exists()]
-    if existing and not overwrite:
-        raise UserError(f"--out {out}: already holds {', '.join(existing)}; "
-                        "use --resume to continue or --overwrite to replace it")
-    out.mkdir(parents=True, exist_ok=True)
+    else:
+        existing = [m for m in markers if (out / m).exists()]
+        if existing and not overwrite:
+            raise UserError(f"--out {out}: already holds {', '.join(existing)}; "
+                            "use --resume to continue or --overwrite to replace it")
+        out.mkdir(parents=True, exist_ok=True)
+    removed = remove_stale_temporaries(out)
+    if removed:
+        print(f"removed {len(removed)} temporary file(s) an interrupted write left in {out}: {', '.join(removed)}")
     return out
 
 

@@ -5,7 +5,8 @@ Two layouts are recognised from the folder given with --data:
   DIR/images/. --task selects rows; class names come from semantic_label ordered by numeric_label.
 - ImageFolder layout (torchvision's): DIR/<split>/<class>/<image>. Class names are the sorted
   folder names of DIR/train (or of the split itself when there is no train folder). A split
-  folder holding images directly, without class folders, is unlabelled. --task is not used.
+  folder holding images directly, without class folders, is unlabelled; image files lying
+  beside class folders belong to no class and are left out, with a warning. --task is not used.
 The name "demo" stands for the built-in synthetic dataset (lib.demo).
 """
 import csv
@@ -137,6 +138,10 @@ def _read_imagefolder(root, split):
     own = _class_folders(folder)
     if not own:
         return _image_files(folder), None, _class_folders(root / "train") if (root / "train").is_dir() else []
+    stray = _image_files(folder)
+    if stray:
+        print(f"warning: {folder}: {len(stray)} image file(s) beside the class folders have no class "
+              f"and are not used, e.g. {stray[0].name}", file=sys.stderr)
     classes = _class_folders(root / "train") if (root / "train").is_dir() else own
     unknown = [c for c in own if c not in classes]
     if unknown:

@@ -54,14 +54,22 @@ def shard(indices):
 
 
 def gather_in_order(tensor, total):
-    """Undo shard(): collect every process's rows and put them back in the original order."""
+    """Undo shard(): collect every process's rows and put them back in the original order.
+
+    A split smaller than the world leaves some processes an empty share, whose tensor may not
+    even have the row shape (nothing was predicted): the shape comes from a non-empty share.
+    """
     if world_size() == 1:
         return tensor
     parts = [None] * world_size()
     dist.all_gather_object(parts, tensor.cpu())
-    out = torch.empty((total, *tensor.shape[1:]), dtype=tensor.dtype)
+    filled = [part for part in parts if len(part)]
+    if not filled:
+        return tensor.cpu()
+    out = torch.empty((total, *filled[0].shape[1:]), dtype=filled[0].dtype)
     for r, part in enumerate(parts):
-        out[r::world_size()] = part
+        if len(part):
+            out[r::world_size()] = part
     return out
 
 
@@ -72,6 +80,15 @@ def gather_all(tensor):
     parts = [None] * world_size()
     dist.all_gather_object(parts, tensor.cpu())
     return torch.cat(parts)
+
+
+def count_true(flag, device):
+    """How many processes have `flag` set (0 or 1 in a world of one): a collective decision."""
+    if world_size() == 1:
+        return int(flag)
+    count = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(count)
+    return int(count.item())
 
 
 def average_buffers(model):

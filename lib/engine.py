@@ -2,9 +2,11 @@
 
 Splits live in memory as uint8 tensors; each step indexes a batch, augments it as a whole and
 normalises it with the checkpoint's mean/std. Every epoch writes OUT/last.pt (everything needed
-to resume exactly: weights, optimizer, scheduler, random states, history) and OUT/best.pt when
-the validation score improves. The score is validation accuracy, ties broken by AUROC, then by
-lower loss. Early stopping ends training after `patience` epochs without improvement.
+to resume exactly: weights, optimizer, scheduler, gradient scaler, random states, history) and
+OUT/best.pt when the validation score improves. The score is validation accuracy, ties broken by
+AUROC, then by lower loss, always computed in float32 (mixed precision is for training only), so
+evaluate.py reproduces the numbers best.pt was chosen on. Early stopping ends training after
+`patience` epochs without improvement.
 """
 import math
 import sys
@@ -22,7 +24,7 @@ from tqdm import tqdm
 
 from lib import distributed, flops
 from lib.augment import augment_batch, normalize
-from lib.checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from lib.checkpoint import FORMAT, check_resume, load_checkpoint, save_checkpoint
 from lib.errors import UserError
 from lib.files import write_csv
 from lib.metrics import epoch_metrics
@@ -72,17 +74,25 @@ def resolve_amp(choice, device):
     return choice == "on" or (choice == "auto" and amp_helps(device))
 
 
+def make_scaler(device, amp):
+    """float16 on CUDA needs loss scaling; bfloat16 and float32 do not (a disabled scaler)."""
+    return torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+
+
 @torch.no_grad()
-def predict_probs(model, images, mean, std, device, batch_size=256, amp=False, tta=False):
-    """Class probabilities (float32, CPU) for uint8 images, in eval mode; tta adds the mirror."""
+def predict_probs(model, images, mean, std, device, batch_size=256, tta=False):
+    """Class probabilities (float32, CPU) for uint8 images, in eval mode; tta adds the mirror.
+
+    Always float32: validation, evaluate.py, explain.py and the export check all see the
+    same numbers for the same weights.
+    """
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
         x = normalize(images[start:start + batch_size].to(device).float().div_(255), mean, std)
-        with autocast(device, amp):
-            probs = F.softmax(model(x).float(), dim=1)
-            if tta:
-                probs = (probs + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
+        probs = F.softmax(model(x).float(), dim=1)
+        if tta:
+            probs = (probs + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
         out.append(probs.cpu())
     return torch.cat(out) if out else torch.empty(0)
 
@@ -153,6 +163,26 @@ def check_splits(train, val):
 def validated(history):
     """The rows of epochs that were validated (with --eval-every, not all are)."""
     return [row for row in history if row.get("val_loss") is not None]
+
+
+def convert_sync_bn(model, frozen_modules):
+    """SyncBatchNorm in place of BatchNorm; returns the model and the frozen modules as they are now.
+
+    convert_sync_batchnorm puts new module objects where BatchNorm layers were, so a frozen
+    BatchNorm held by reference would no longer be part of the model: it would be the old
+    object that is kept in eval mode while the new one trains and moves its statistics.
+    """
+    names = {id(module): name for name, module in model.named_modules()}
+    frozen_names = [names[id(module)] for module in frozen_modules]
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model, [model.get_submodule(name) for name in frozen_names]
+
+
+def set_train_mode(net, frozen_modules):
+    """Training mode, except for frozen stages: their BatchNorm statistics must not move."""
+    net.train()
+    for module in frozen_modules:
+        module.eval()
 
 
 def best_epoch(history):
@@ -232,18 +262,21 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     optimizer = make_optimizer(groups, config.optimizer, config.lr, config.weight_decay)
     steps_per_epoch = len(_epoch_batches(train, seed, 1, config.batch_size))
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=config.amp and device.type == "cuda")
+    scaler = make_scaler(device, config.amp)
     ema = AveragedModel(model, multi_avg_fn=_ema_update(config.ema), use_buffers=True) if config.ema else None
     evaluated = ema.module if ema else model
     compute = ComputeCounter(model, len(train.classes), image_size)
     history, best, start_epoch, stale = [], None, 1, 0
     if resume:
         state = load_checkpoint(out / "last.pt")
+        check_resume(state, describe, out / "last.pt")
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema:
             ema.load_state_dict(state["ema"])
+        if state.get("scaler"):  # empty when saved by a disabled (non-CUDA or non-AMP) scaler
+            scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng"]["torch"])
         history, best, stale = state["history"], state["best_score"], state["stale_epochs"]
         start_epoch = state["epoch"] + 1
@@ -255,7 +288,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             raise UserError("--sync-bn: PyTorch's SyncBatchNorm runs only on GPUs; on CPU leave it off "
                             "(BatchNorm statistics are then averaged across processes after each epoch)")
         if config.sync_bn:
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            net, frozen_modules = convert_sync_bn(net, frozen_modules)
         net = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
         if distributed.is_main():
             print(f"DistributedDataParallel over {distributed.world_size()} processes "
@@ -281,7 +314,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             validate = epoch % config.eval_every == 0 or epoch == config.epochs
             if validate:
                 val_probs = distributed.gather_in_order(
-                    predict_probs(evaluated, distributed.shard(val.images), mean, std, device, amp=config.amp),
+                    predict_probs(evaluated, distributed.shard(val.images), mean, std, device),
                     len(val))
                 val_stats = epoch_metrics(val.labels, val_probs)
             else:
@@ -308,7 +341,8 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                 save_checkpoint({**checkpoint, "state_dict": model.state_dict(),
                                  **({"ema": ema.state_dict()} if ema else {}),
                                  "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "history": history,
+                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                 "history": history,
                                  "best_score": best, "stale_epochs": stale,
                                  "rng": {"torch": torch.get_rng_state()}},
                                 out / "last.pt")
@@ -331,9 +365,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
 def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, config, optimizer, scheduler, scaler,
                  seed, device, epoch, size):
     """One pass over `batches`; returns the epoch's training metrics and mean learning rate."""
-    net.train()
-    for module in frozen_modules:
-        module.eval()
+    set_train_mode(net, frozen_modules)
     # Augmentation differs per process and epoch, and repeats for the same seed.
     augment_seed = ((seed * 1_000_003 + epoch) * 1_009 + distributed.rank()) % 2**63
     generator = torch.Generator().manual_seed(augment_seed)
@@ -348,8 +380,14 @@ def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, con
         with autocast(device, config.amp):
             logits = net(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
-        if not math.isfinite(loss.item()):
-            raise UserError(f"training diverged at epoch {epoch} (loss {loss.item()}); lower --lr")
+        # Decided by all processes together: one raising alone would leave the others waiting
+        # in backward's all-reduce forever.
+        value = loss.item()
+        diverged = distributed.count_true(not math.isfinite(value), device)
+        if diverged:
+            what = (f"non-finite loss on {diverged} of {distributed.world_size()} processes"
+                    if distributed.world_size() > 1 else f"loss {value}")
+            raise UserError(f"training diverged at epoch {epoch} ({what}); lower --lr")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

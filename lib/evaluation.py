@@ -61,20 +61,28 @@ def load_predictor(path, device):
 
 
 def build_report(labels, probs, classes, seed=0, n_resamples=N_RESAMPLES):
-    """full_report plus 95% percentile-bootstrap intervals for accuracy and AUROC."""
+    """full_report plus 95% percentile-bootstrap intervals for accuracy and AUROC, and how many
+    resamples the AUROC interval rests on (those holding every class of the split)."""
     report = full_report(labels, probs, classes)
     intervals = bootstrap_ci(labels, probs, n_resamples=n_resamples, seed=seed, level=0.95)
     report["ci95"] = {"accuracy": intervals["accuracy"], "auroc": intervals["auroc"]}
-    report["bootstrap"] = {"n_resamples": n_resamples, "seed": seed}
+    report["bootstrap"] = {"n_resamples": n_resamples, "n_resamples_auroc": intervals["n_resamples_auroc"],
+                           "seed": seed}
     return report
 
 
 def format_report(report):
     lo, hi = report["ci95"]["accuracy"]
-    a_lo, a_hi = report["ci95"]["auroc"]
+    boot = report["bootstrap"]
+    if report["ci95"]["auroc"] is None:
+        auroc_ci = f"no 95% CI: none of {boot['n_resamples']} resamples held every class"
+    else:
+        a_lo, a_hi = report["ci95"]["auroc"]
+        auroc_ci = f"95% CI {a_lo:.4f}-{a_hi:.4f}, {boot['n_resamples_auroc']} of {boot['n_resamples']} resamples"
     lines = [f"images            {report['n_images']}",
-             f"accuracy          {report['accuracy']:.4f}  (95% CI {lo:.4f}-{hi:.4f})",
-             f"AUROC             {report['auroc']:.4f}  (95% CI {a_lo:.4f}-{a_hi:.4f})",
+             f"accuracy          {report['accuracy']:.4f}  (95% CI {lo:.4f}-{hi:.4f}, {boot['n_resamples']} resamples)",
+             f"AUROC             {report['auroc']:.4f}  ({auroc_ci})",
+             f"  estimator       {report['auroc_estimator']}",
              f"balanced accuracy {report['balanced_accuracy']:.4f}",
              f"loss              {report['loss']:.4f}"]
     if "auroc_ovo" in report:

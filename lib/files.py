@@ -1,13 +1,21 @@
 """Writing output files atomically: a temporary file in the same folder, then a rename.
 
-A kill at any moment leaves either the old file or the new one, never a broken one.
+A kill at any moment leaves either the old file or the new one, never a broken one. A SIGKILL
+during a write can leave the temporary file (.NAME.XXXXXXXX.tmp) behind; the next run in the
+folder removes it (remove_stale_temporaries). While a write is under way its temporary file is
+locked (flock), so a run starting in the same folder never removes a file still being written.
 """
 import csv
+import fcntl
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
+
+# atomic_write's temporary names: "." + the file's name + "." + mkstemp's 8 random characters + ".tmp"
+TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
 
 
 def atomic_write(path, write):
@@ -15,8 +23,9 @@ def atomic_write(path, write):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
+        # The lock lives as long as this process holds fd: a killed writer releases it.
+        fcntl.flock(fd, fcntl.LOCK_EX)
         write(tmp)
         # mkstemp makes the file private (0600); give it the permissions a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -24,6 +33,34 @@ def atomic_write(path, write):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temporaries(folder):
+    """Delete atomic_write's temporary files in `folder` that no live process is writing
+    (left by a kill during a write); returns their names."""
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        if not TEMPORARY.fullmatch(path.name) or not path.is_file() or path.is_symlink():
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # locked: a write in progress
+        else:
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _umask():

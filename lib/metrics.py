@@ -1,7 +1,8 @@
 """Classification metrics from probabilities, whatever produced them (PyTorch or ONNX).
 
-Binary tasks report the AUROC of class 1; multi-class tasks the macro one-vs-rest AUROC
-(and one-vs-one in the full report). scikit-learn does the arithmetic.
+Binary tasks report the AUROC of class 1; multi-class tasks the macro one-vs-rest AUROC over the
+classes present (and one-vs-one in the full report when every class is). scikit-learn does the
+arithmetic; the report names the estimator it used.
 """
 import numpy as np
 from sklearn import metrics as skm
@@ -20,17 +21,31 @@ def log_loss(labels, probs):
 
 
 def auroc(labels, probs, multi_class="ovr"):
+    """Binary: AUROC of class 1. Multi-class: the mean of each class's one-vs-rest AUROC over
+    the classes present (scikit-learn's macro one-vs-rest when all are), or with
+    multi_class="ovo" scikit-learn's macro one-vs-one, which needs every class."""
     labels, probs = _as_numpy(labels, probs)
-    if len(np.unique(labels)) < 2:
+    present = np.unique(labels)
+    if len(present) < 2:
         raise UserError("AUROC needs at least two classes in the split; this one has only one")
     if probs.shape[1] == 2:
         return float(skm.roc_auc_score(labels, probs[:, 1]))
-    present = np.unique(labels)
-    if len(present) < probs.shape[1]:
-        # Some classes absent: average one-vs-rest over those present.
-        return float(np.mean([skm.roc_auc_score(labels == c, probs[:, c]) for c in present]))
     probs = probs / probs.sum(axis=1, keepdims=True)
-    return float(skm.roc_auc_score(labels, probs, multi_class=multi_class, average="macro"))
+    if multi_class == "ovo":
+        return float(skm.roc_auc_score(labels, probs, multi_class="ovo", average="macro"))
+    return float(np.mean([skm.roc_auc_score(labels == c, probs[:, c]) for c in present]))
+
+
+def auroc_estimator(labels, classes):
+    """In words, what auroc() computes for these labels (the report says which one it gave)."""
+    if len(classes) == 2:
+        return f"binary: {classes[1]} (class 1) against {classes[0]}"
+    present = set(np.unique(np.asarray(labels)).tolist())
+    if len(present) == len(classes):
+        return f"macro one-vs-rest over all {len(classes)} classes"
+    absent = [name for i, name in enumerate(classes) if i not in present]
+    return (f"macro one-vs-rest over the {len(present)} classes present of {len(classes)} "
+            f"(absent: {', '.join(absent)})")
 
 
 def epoch_metrics(labels, probs):
@@ -53,6 +68,7 @@ def full_report(labels, probs, classes):
         "accuracy": float(skm.accuracy_score(labels, predicted)),
         "balanced_accuracy": float(skm.balanced_accuracy_score(labels, predicted)),
         "auroc": auroc(labels, probs),
+        "auroc_estimator": auroc_estimator(labels, classes),
         "loss": log_loss(labels, probs),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),
                              "f1": float(f1[i]), "support": int(support[i])}
@@ -65,17 +81,24 @@ def full_report(labels, probs, classes):
 
 
 def bootstrap_ci(labels, probs, n_resamples=1000, seed=0, level=0.95):
-    """Percentile bootstrap intervals for accuracy and AUROC over resampled images."""
+    """Percentile bootstrap intervals for accuracy and AUROC over resampled images.
+
+    AUROC is computed only on resamples that hold every class of the full split, so each one
+    is the same estimator as the point estimate (an average over the same classes); the
+    others are left out and counted: n_resamples_auroc says how many were used. None when
+    no resample qualifies.
+    """
     labels, probs = _as_numpy(labels, probs)
     rng = np.random.default_rng(seed)
     correct = probs.argmax(1) == labels
+    present = len(np.unique(labels))
     accuracies, aurocs = [], []
     for _ in range(n_resamples):
         idx = rng.integers(0, len(labels), len(labels))
         accuracies.append(correct[idx].mean())
-        if len(np.unique(labels[idx])) > 1:
+        if present > 1 and len(np.unique(labels[idx])) == present:
             aurocs.append(auroc(labels[idx], probs[idx]))
     tail = (1 - level) / 2 * 100
     return {"accuracy": [float(v) for v in np.percentile(accuracies, [tail, 100 - tail])],
-            "auroc": [float(v) for v in np.percentile(aurocs, [tail, 100 - tail])],
-            "level": level, "n_resamples": n_resamples}
+            "auroc": [float(v) for v in np.percentile(aurocs, [tail, 100 - tail])] if aurocs else None,
+            "level": level, "n_resamples": n_resamples, "n_resamples_auroc": len(aurocs)}

@@ -12,6 +12,7 @@ import torchvision
 from lib.errors import UserError
 
 SMALL_INPUT = 128
+CNN3_MIN_SIZE = 11  # the smallest input whose feature map after conv3 is not empty
 
 
 class CNN3(nn.Module):
@@ -27,8 +28,21 @@ class CNN3(nn.Module):
         # rectified maps of conv2 by name, and a shared module would fire three times.
         self.relu1, self.relu2, self.relu3 = nn.ReLU(), nn.ReLU(), nn.ReLU()
         self.pool = nn.MaxPool2d(2)
-        side = max(image_size // 32, 1)
+        side = self.feature_side(image_size)
+        if side < 1:
+            raise UserError(f"--image-size {image_size}: too small for cnn3 (its feature map would be empty; "
+                            f"use {CNN3_MIN_SIZE} or more)")
         self.fc = nn.Linear(8 * side * side, num_classes)
+
+    @staticmethod
+    def feature_side(image_size):
+        """Side of conv3's output: each 5x5 stride-2 conv (padding 2) rounds up, each pool down."""
+        side = image_size
+        for pooled in (True, True, False):
+            side = (side + 1) // 2
+            if pooled:
+                side //= 2
+        return side
 
     def forward(self, x):
         x = self.pool(self.relu1(self.conv1(x)))

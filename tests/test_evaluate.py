@@ -12,7 +12,8 @@ from sklearn import metrics as skm
 from conftest import run_script
 from lib.data import load_split
 from lib.demo import TARGET_CLASSES
-from lib.evaluation import build_report, load_predictor
+from lib.evaluation import build_report, format_report, load_predictor
+from lib.metrics import auroc
 
 
 def test_binary_metrics_equal_scikit_learn():
@@ -57,12 +58,15 @@ def test_evaluate_writes_report_plots_and_predictions(demo_data, target_run, tmp
     result = run_script("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", demo_data,
                         "--split", "val", "--out", out, "--json", extra)
     assert "AUROC" in result.stdout and "95% CI" in result.stdout
+    assert "1000 of 1000 resamples" in result.stdout and "binary: palace (class 1)" in result.stdout
     for name in ("metrics.json", "roc.png", "confusion.png", "predictions.csv", "mistakes.png"):
         assert (out / name).stat().st_size > 0, name
     report = json.loads((out / "metrics.json").read_text())
     assert json.loads(extra.read_text()) == report
     for key in ("n_images", "accuracy", "balanced_accuracy", "auroc", "loss", "per_class", "confusion_matrix"):
         assert key in report, key
+    assert report["auroc_estimator"] == "binary: palace (class 1) against portico_rotunda"
+    assert report["bootstrap"] == {"n_resamples": 1000, "n_resamples_auroc": 1000, "seed": 0}
     assert report["n_images"] == 60 and sum(map(sum, report["confusion_matrix"])) == 60
     for metric in ("accuracy", "auroc"):
         low, high = report["ci95"][metric]
@@ -125,3 +129,68 @@ def test_onnx_branch_feeds_channels_last_pixels_and_mirrors_them(demo_data, targ
     for tta in (False, True):
         np.testing.assert_allclose(predictor.predict(images, tta=tta), torch_predictor.predict(images, tta=tta),
                                    atol=1e-6)
+
+
+def _softmax_of_noisy_labels(labels, classes, seed=0):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(len(labels), classes)) + 1.5 * np.eye(classes)[labels]
+    return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+
+def test_auroc_interval_uses_only_resamples_of_the_same_estimator():
+    """Three classes, one of them a single image in 30: a resample misses it with probability
+    (29/30)^30 = 0.36, and its AUROC would then average two classes instead of three, another
+    estimator. Those resamples are left out of the AUROC interval and the report says how many
+    were used."""
+    labels = np.array([0] * 15 + [1] * 14 + [2])
+    probs = _softmax_of_noisy_labels(labels, 3)
+    report = build_report(labels, probs, ["x", "y", "z"], n_resamples=200, seed=0)
+    assert report["auroc_estimator"] == "macro one-vs-rest over all 3 classes"
+    used = report["bootstrap"]["n_resamples_auroc"]
+    assert report["bootstrap"]["n_resamples"] == 200 and 100 < used < 155, used  # expected 128 (sd 7)
+    # The interval is the percentiles of exactly those resamples (the same seeded draws).
+    rng, kept = np.random.default_rng(0), []
+    for _ in range(200):
+        idx = rng.integers(0, len(labels), len(labels))
+        if len(np.unique(labels[idx])) == 3:
+            kept.append(skm.roc_auc_score(labels[idx], probs[idx], multi_class="ovr", average="macro"))
+    assert len(kept) == used
+    assert report["ci95"]["auroc"] == pytest.approx(np.percentile(kept, [2.5, 97.5]).tolist())
+    assert f"{used} of 200 resamples" in format_report(report)
+
+
+def test_auroc_with_an_absent_class_names_its_estimator():
+    labels = np.repeat([0, 1], 20)  # class 2 never occurs
+    probs = _softmax_of_noisy_labels(labels, 3)
+    report = build_report(labels, probs, ["x", "y", "z"], n_resamples=100)
+    per_class = [skm.roc_auc_score(labels == c, probs[:, c]) for c in (0, 1)]
+    assert report["auroc"] == pytest.approx(np.mean(per_class))
+    assert report["auroc_estimator"] == "macro one-vs-rest over the 2 classes present of 3 (absent: z)"
+    assert "auroc_ovo" not in report and report["bootstrap"]["n_resamples_auroc"] == 100
+    assert "absent: z" in format_report(report)
+    with pytest.raises(Exception, match="two classes"):
+        auroc(np.zeros(5, dtype=int), probs[:5])
+
+
+def test_no_auroc_interval_when_no_resample_holds_every_class():
+    # Two images, one per class: a single resample holds both with probability 1/2. Find a
+    # seed whose only resample does not, and see that no interval is made up.
+    labels, probs = np.array([0, 1]), np.array([[0.8, 0.2], [0.3, 0.7]])
+    report = next(r for r in (build_report(labels, probs, ["a", "b"], n_resamples=1, seed=seed) for seed in range(64))
+                  if r["bootstrap"]["n_resamples_auroc"] == 0)
+    assert report["ci95"]["auroc"] is None and report["auroc"] == 1.0
+    assert "no 95% CI: none of 1 resamples held every class" in format_report(report)
+
+
+def test_evaluate_tta_from_the_command_line(demo_data, target_run, tmp_path):
+    out = tmp_path / "tta"
+    run_script("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", demo_data, "--split", "val",
+               "--tta", "--out", out)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["tta"] is True
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    written = np.array([[float(r[f"prob_{c}"]) for c in TARGET_CLASSES] for r in rows])
+    images = load_split(demo_data, "val", "target").images
+    predictor = load_predictor(target_run / "best.pt", torch.device("cpu"))
+    np.testing.assert_allclose(written, predictor.predict(images, tta=True), atol=1e-6)
+    assert not np.allclose(written, predictor.predict(images), atol=1e-4), "TTA changed nothing"

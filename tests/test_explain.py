@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import run_script
 from lib import cam
 from lib.augment import normalize
-from lib.checkpoint import load_checkpoint, model_from_checkpoint
+from lib.checkpoint import FORMAT, file_hash, load_checkpoint, model_from_checkpoint, save_checkpoint
 from lib.data import load_split
 from lib.engine import predict_probs
 from lib.errors import UserError
@@ -61,9 +61,14 @@ def _quadrant_task(n, seed):
     return images.to(torch.uint8), labels
 
 
-def test_heatmap_mass_falls_in_the_region_that_decides_the_class():
+QUADRANT_MEAN, QUADRANT_STD = [0.45] * 3, [0.25] * 3
+
+
+@pytest.fixture(scope="module")
+def quadrant_model():
+    """cnn3 trained on the quadrant task (a second in float32), and held-out images of it."""
     torch.manual_seed(0)
-    mean, std = [0.45] * 3, [0.25] * 3
+    mean, std = QUADRANT_MEAN, QUADRANT_STD
     train_images, train_labels = _quadrant_task(256, seed=0)
     model = build_model("cnn3", 2, 64)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -76,6 +81,12 @@ def test_heatmap_mass_falls_in_the_region_that_decides_the_class():
         optimizer.step()
     images, labels = _quadrant_task(32, seed=1)
     assert (predict_probs(model, images, mean, std, CPU).argmax(1) == labels).float().mean() > 0.95
+    return model.eval(), images, labels
+
+
+def test_heatmap_mass_falls_in_the_region_that_decides_the_class(quadrant_model):
+    model, images, labels = quadrant_model
+    mean, std = QUADRANT_MEAN, QUADRANT_STD
     quadrants = {1: ((0, 0.5), (0.5, 1)), 0: ((0.5, 1), (0, 0.5))}
     for method in ("gradcam", "layercam"):
         for label, (rows, cols) in quadrants.items():
@@ -86,6 +97,25 @@ def test_heatmap_mass_falls_in_the_region_that_decides_the_class():
             assert area == 0.25
             assert np.isnan(mass).sum() <= 1, f"{method}: empty maps {mass}"
             assert np.nanmean(mass) > 0.6, f"{method}, class {label}: mass in its quadrant {mass}"
+
+
+def test_sanity_check_tells_learnt_maps_from_maps_that_only_show_the_image(quadrant_model):
+    """What the check is for: a trained model's maps (here: the quadrant that decides the
+    class) must correlate little with a re-initialised copy's, while maps that do not depend
+    on training, those of the re-initialised architecture itself, correlate fully."""
+    model, images, labels = quadrant_model
+    checkpoint = {"model": "cnn3", "classes": ["0", "1"], "image_size": 64, "mean": QUADRANT_MEAN,
+                  "std": QUADRANT_STD}
+    trained = cam.compute_heatmaps(model, images, QUADRANT_MEAN, QUADRANT_STD, CPU, "gradcam", ["relu2"], labels)
+    learnt = cam.sanity_check(checkpoint, trained, images, labels, "gradcam", ["relu2"], CPU, seed=0)
+    assert learnt["images"] == 32 and learnt["undefined"] <= 2
+    assert abs(learnt["pearson_mean"]) < 0.3 and abs(learnt["spearman_mean"]) < 0.3, learnt
+    torch.manual_seed(0)
+    untrained = build_model("cnn3", 2, 64)
+    untrained_maps = cam.compute_heatmaps(untrained, images, QUADRANT_MEAN, QUADRANT_STD, CPU, "gradcam",
+                                          ["relu2"], labels)
+    same = cam.sanity_check(checkpoint, untrained_maps, images, labels, "gradcam", ["relu2"], CPU, seed=0)
+    assert same["pearson_mean"] == pytest.approx(1) and same["spearman_mean"] == pytest.approx(1), same
 
 
 def test_attention_regions_on_known_maps():
@@ -109,7 +139,13 @@ def test_explain_writes_grid_images_and_stats(source_run, demo_data, tmp_path):
     stats = json.loads((out / "cam_stats.json").read_text())
     [model] = stats["models"]
     assert len(stats["images"]) == 5 and len(model["images"]) == 5 and model["layers"] == ["relu2"]
-    assert all(0 <= row["top_third"] <= 1 and 0 <= row["central"] <= 1 for row in model["images"])
+    # An empty map (no positive evidence at the layer, normal for Grad-CAM on cnn3) has no
+    # fractions at all; every other map's lie in [0, 1].
+    empty = [row for row in model["images"] if row["top_third"] is None]
+    assert all(row["central"] is None for row in empty)
+    assert all(0 <= row["top_third"] <= 1 and 0 <= row["central"] <= 1
+               for row in model["images"] if row["top_third"] is not None)
+    assert model["summary"]["empty_maps"] == len(empty)
     assert model["summary"]["images"] == 5 and model["summary"]["top_third"]["uniform"] > 0.3
     assert "top third" in result.stdout
     with pytest.raises(UserError, match="--overwrite"):
@@ -119,12 +155,22 @@ def test_explain_writes_grid_images_and_stats(source_run, demo_data, tmp_path):
 
 def test_compare_and_sanity_on_image_files(target_run, demo_data, tmp_path):
     files = sorted((demo_data / "images").glob("*.png"))[:3]
+    # B: the same classes and image size, other weights (best.pt and last.pt of a short run
+    # may well be the same epoch, and a model compared with itself proves nothing).
+    other = load_checkpoint(target_run / "best.pt")
+    torch.manual_seed(1)
+    other["state_dict"] = build_model("cnn3", len(other["classes"]), other["image_size"]).state_dict()
+    save_checkpoint(other, tmp_path / "other.pt")
     out = tmp_path / "compare"
-    result = run_script("explain.py", "--compare", target_run / "best.pt", target_run / "last.pt",
+    result = run_script("explain.py", "--compare", target_run / "best.pt", tmp_path / "other.pt",
                         "--images", *files, "--target-class", "palace", "--method", "layercam",
                         "--sanity", "--out", out)
     stats = json.loads((out / "cam_stats.json").read_text())
     assert [m["label"] for m in stats["models"]] == ["A", "B"]
+    assert [m["sha256"] for m in stats["models"]] == [file_hash(target_run / "best.pt"),
+                                                      file_hash(tmp_path / "other.pt")]
+    a_rows, b_rows = ([(row["top_third"], row["central"]) for row in m["images"]] for m in stats["models"])
+    assert a_rows != b_rows, "two different models drew the same maps"
     assert [i["true"] for i in stats["images"]] == [None] * 3
     for model in stats["models"]:
         assert [row["map_of"] for row in model["images"]] == ["palace"] * 3
@@ -164,3 +210,24 @@ def test_bad_layer_bad_checkpoint_and_wrong_classes_are_clear_errors(source_run,
     with pytest.raises(UserError, match="classes or image size differ"):
         _main_in_process("--compare", source_run / "best.pt", target_run / "best.pt", "--data", demo_data,
                          "--task", "target", "--out", tmp_path / "o3")
+
+
+def test_explain_a_resnet_at_its_default_layer(demo_data, tmp_path):
+    """ResNets are explained at layer3 unless told otherwise (a random resnet18 at 32 px: the
+    point is that the default layer exists, hooks and yields a map of the image's size)."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, 32)
+    save_checkpoint({"format": FORMAT, "model": "resnet18", "task": "target", "classes": ["a", "b"],
+                     "image_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3, "args": {}, "epoch": 1,
+                     "metrics": {}, "state_dict": model.state_dict()}, tmp_path / "resnet.pt")
+    files = sorted((demo_data / "images").glob("*.png"))[:2]
+    out = tmp_path / "cam"
+    _main_in_process("--checkpoint", tmp_path / "resnet.pt", "--images", *files, "--method", "layercam",
+                     "--out", out)
+    stats = json.loads((out / "cam_stats.json").read_text())
+    [explained] = stats["models"]
+    assert explained["layers"] == ["layer3"] and explained["model"] == "resnet18"
+    assert len(list((out / "images").glob("*.png"))) == 2
+    maps = cam.compute_heatmaps(model, load_split(demo_data, "val", "target", 32).images[:2], [0.5] * 3,
+                                [0.25] * 3, CPU, "layercam", ["layer3"], torch.tensor([0, 1]))
+    assert maps.shape == (2, 32, 32)

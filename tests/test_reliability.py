@@ -10,17 +10,21 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, SCRIPT_ENV, run_script
+from conftest import REPO, SCRIPT_ENV, float32_args, run_script
+from lib.cli import prepare_out_dir
 from lib.demo import CSV_COLUMNS
+from lib.errors import UserError
+from lib.files import atomic_write, remove_stale_temporaries
 
 
 def assert_clean_error(result, *culprits):
     lines = result.stderr.strip().splitlines()
-    assert result.returncode != 0, result.stdout
+    assert result.returncode == 2, f"exit code {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1, f"expected one line, got:\n{result.stderr}"
     for culprit in culprits:
@@ -211,8 +215,19 @@ def test_existing_output_is_not_overwritten(source_run, demo_data):
     assert (source_run / "best.pt").read_bytes() == before
 
 
-INTERRUPTED = ["--task", "target", "--model", "resnet18", "--epochs", "3", "--batch-size", "32",
-               "--augment", "strong"]
+# resnet18 for its BatchNorm buffers, at 32 px to keep it cheap: what is resumed (weights,
+# buffers, optimizer, scheduler, random state) does not depend on the size.
+INTERRUPTED = ["--task", "target", "--model", "resnet18", "--image-size", "32", "--epochs", "3",
+               "--batch-size", "32", "--augment", "strong"]
+
+
+# Run a Python command with SIGINT at its default, whatever this process inherited: a shell
+# starts background jobs with SIGINT ignored, an ignored signal stays ignored across exec, and
+# Python installs its Ctrl-C handler only when SIGINT is not ignored at start-up. A small Python
+# resets it and execs the real command (same pid); preexec_fn would too, but is not safe in a
+# process with threads, as pytest's is once torch has run.
+WITH_DEFAULT_SIGINT = ["-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                             "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
 
 
 @pytest.fixture(scope="module")
@@ -225,8 +240,8 @@ def uninterrupted(demo_data, tmp_path_factory):
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_interrupted_run_resumes_to_the_same_weights(demo_data, tmp_path, uninterrupted, sig):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--data", str(demo_data),
-                                *INTERRUPTED, "--out", str(out)],
+    process = subprocess.Popen([sys.executable, *WITH_DEFAULT_SIGINT, str(REPO / "train.py"),
+                                *float32_args("train.py", ["--data", demo_data, *INTERRUPTED, "--out", out])],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, **SCRIPT_ENV})
     deadline = time.time() + 300
@@ -245,3 +260,59 @@ def test_interrupted_run_resumes_to_the_same_weights(demo_data, tmp_path, uninte
     for name, tensor in uninterrupted["state_dict"].items():
         assert torch.equal(tensor, resumed["state_dict"][name]), name
     assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in uninterrupted["history"]]
+
+
+def test_resume_with_other_settings_is_refused_in_one_line(source_run, demo_data, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(source_run / "last.pt", out / "last.pt")
+    before = (out / "last.pt").read_bytes()
+    result = run_script("train.py", "--data", demo_data, "--task", "target", "--model", "resnet18",
+                        "--image-size", "32", "--out", out, "--resume", check=False)
+    assert_clean_error(result, "--resume", "last.pt", "--model, --task, --image-size", "--model cnn3")
+    assert "--data" not in result.stderr, "the data folder is the same"
+    assert (out / "last.pt").read_bytes() == before
+    # The same flags on another copy of the data: only --data is named (in-process, no need
+    # for another interpreter).
+    import train
+
+    other = copy_dataset(demo_data, tmp_path / "other", task="source")
+    args = train.get_args_parser().parse_args(float32_args("train.py", [
+        "--data", other, "--task", "source", "--model", "cnn3", "--out", out, "--resume"]))
+    with pytest.raises(UserError, match=r"different --data \(it had --data "):
+        train.main(args)
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    # A write killed with SIGKILL half-way leaves its temporary file; while the writer lives,
+    # the file is locked and no one may remove it.
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from lib.files import atomic_write; "
+        "atomic_write(Path(sys.argv[1]) / 'last.pt', lambda tmp: (Path(tmp).write_text('half'), time.sleep(60)))"),
+        str(out)], cwd=REPO)
+    deadline = time.time() + 60
+    while not list(out.glob(".last.pt.*.tmp")) and writer.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    [left] = list(out.glob(".last.pt.*.tmp"))
+    assert remove_stale_temporaries(out) == [] and left.exists(), "removed a file being written"
+    writer.kill()
+    writer.wait(timeout=30)
+    assert left.exists(), "SIGKILL leaves the temporary file behind"
+    stale = out / ".metrics.csv.abcd_123.tmp"
+    stale.write_text("half a table")
+    not_ours = [out / "notes.tmp", out / ".notes.tmp", out / "last.pt.tmp", out / ".last.pt.toolongname.tmp"]
+    for path in not_ours:
+        path.write_text("the user's")
+    prepare_out_dir(out, resume=False, markers=("best.pt",))
+    assert not left.exists() and not stale.exists()
+    assert all(path.exists() for path in not_ours), "only atomic_write's own temporary names are removed"
+
+    def write_while_a_run_starts(tmp):
+        assert prepare_out_dir(out, overwrite=True) == out and Path(tmp).exists()
+        Path(tmp).write_text("new")
+
+    atomic_write(out / "metrics.csv", write_while_a_run_starts)
+    assert (out / "metrics.csv").read_text() == "new"

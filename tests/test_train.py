@@ -1,14 +1,24 @@
 """train.py on the demo data: learning, self-describing checkpoints, resume, both layouts."""
 import csv
+import math
 import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from conftest import run_script
+from lib import engine
 from lib.checkpoint import load_checkpoint
-from lib.data import load_split
+from lib.data import Split, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES
+from lib.engine import TrainConfig, fit
+from lib.errors import UserError
+from lib.evaluation import load_predictor
+from lib.metrics import epoch_metrics
+from lib.models import CNN3_MIN_SIZE, build_model
 
 
 def test_training_beats_chance_and_writes_everything(demo_data, tmp_path):
@@ -34,23 +44,68 @@ def test_checkpoint_describes_itself(source_run):
     assert load_checkpoint(source_run / "last.pt")["epoch"] == 3
 
 
+def test_lr_column_is_the_rate_each_epoch_trained_with(source_run):
+    # source_run: 3 epochs of the recipe's cosine schedule from lr 2e-3. The rate of epoch e is
+    # 2e-3 * (1 + cos(pi * (e - 1) / 3)) / 2; the last epoch still trains (not 0).
+    rows = list(csv.DictReader(open(source_run / "metrics.csv")))
+    expected = [2e-3 * (1 + math.cos(math.pi * (epoch - 1) / 3)) / 2 for epoch in (1, 2, 3)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-9)
+
+
 def test_both_layouts_load(demo_data, tmp_path):
     csv_split = load_split(demo_data, "val", "target")
     assert csv_split.classes == TARGET_CLASSES
     assert csv_split.images.dtype == torch.uint8 and csv_split.images.shape[1:] == (3, 64, 64)
     # The same images rearranged as torchvision's ImageFolder, one as grayscale, one as RGBA
     # and one larger, to check conversion and resizing.
+    conversions = {0: lambda image: image.convert("L"), 1: lambda image: image.convert("RGBA"),
+                   2: lambda image: image.resize((100, 80))}
     for i, (name, label) in enumerate(zip(csv_split.filenames, csv_split.labels.tolist())):
         folder = tmp_path / "val" / csv_split.classes[label]
         folder.mkdir(parents=True, exist_ok=True)
         image = Image.open(demo_data / "images" / name)
-        image = {0: image.convert("L"), 1: image.convert("RGBA"), 2: image.resize((100, 80))}.get(i, image)
-        image.save(folder / name)
+        conversions.get(i, lambda image: image)(image).save(folder / name)
     folder_split = load_split(tmp_path, "val")
     assert folder_split.classes == sorted(TARGET_CLASSES), "ImageFolder classes are sorted folder names"
-    names = [folder_split.classes[i] for i in folder_split.labels.tolist()]
-    assert sorted(names) == sorted(csv_split.classes[i] for i in csv_split.labels.tolist())
+    assert folder_split.classes != TARGET_CLASSES, "the two layouts must number the classes differently"
     assert folder_split.images.shape == csv_split.images.shape
+    # File by file: a label or an image swapped between files would pass a count of classes.
+    found = {Path(f).name: (folder_split.classes[label], image)
+             for f, label, image in zip(folder_split.filenames, folder_split.labels.tolist(), folder_split.images)}
+    assert sorted(found) == sorted(csv_split.filenames)
+    for i, (name, label, original) in enumerate(zip(csv_split.filenames, csv_split.labels.tolist(),
+                                                    csv_split.images)):
+        class_name, image = found[name]
+        assert class_name == csv_split.classes[label], name
+        if i == 0:
+            gray = torch.from_numpy(np.array(Image.open(demo_data / "images" / name).convert("L")))
+            assert all(torch.equal(image[c], gray) for c in range(3)), "grayscale becomes three equal channels"
+        elif i == 2:
+            saved = Image.open(tmp_path / "val" / class_name / name)
+            assert saved.size == (100, 80)
+            expected = torch.from_numpy(np.array(saved.convert("RGB").resize((64, 64), Image.Resampling.BILINEAR)))
+            assert torch.equal(image, expected.permute(2, 0, 1)), "resized bilinearly to --image-size"
+            assert (image.float() - original.float()).abs().mean() < 10, "still the same picture"
+        else:
+            assert torch.equal(image, original), f"{name}: RGBA and RGB files give the original pixels"
+
+
+def test_imagefolder_numbers_classes_by_train_and_warns_about_loose_images(demo_data, tmp_path, capsys):
+    picture = Image.open(next((demo_data / "images").glob("*.png")))
+    for name in ("a_first", "b_second", "c_third"):
+        (tmp_path / "train" / name).mkdir(parents=True)
+        picture.save(tmp_path / "train" / name / "1.png")
+    # val/ lacks the first class: its labels must still be train/'s numbers, not 0 and 1.
+    for name in ("b_second", "c_third"):
+        (tmp_path / "val" / name).mkdir(parents=True)
+        picture.save(tmp_path / "val" / name / f"{name}.png")
+    picture.save(tmp_path / "val" / "loose.png")
+    split = load_split(tmp_path, "val")
+    assert split.classes == ["a_first", "b_second", "c_third"]
+    assert dict(zip(split.filenames, split.labels.tolist())) == {"val/b_second/b_second.png": 1,
+                                                                 "val/c_third/c_third.png": 2}
+    warning = capsys.readouterr().err
+    assert "1 image file(s) beside the class folders" in warning and "loose.png" in warning, warning
 
 
 def test_train_runs_on_imagefolder_layout(demo_data, tmp_path):
@@ -75,3 +130,91 @@ def test_bad_data_gives_one_line_error(tmp_path):
                            check=False)
     assert malformed.returncode == 2 and "semantic_label" in malformed.stderr
     assert "Traceback" not in malformed.stderr and len(malformed.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("model, sizes", [("cnn3", (CNN3_MIN_SIZE, 32, 48, 56, 64, 80, 100)),
+                                          ("resnet18", (CNN3_MIN_SIZE, 48))])
+def test_models_build_and_run_at_any_image_size(model, sizes):
+    for size in sizes:
+        net = build_model(model, 3, size).eval()
+        with torch.no_grad():
+            assert net(torch.zeros(2, 3, size, size)).shape == (2, 3), f"{model} at {size}px"
+    if model == "cnn3":
+        with pytest.raises(UserError, match=f"--image-size {CNN3_MIN_SIZE - 1}: too small for cnn3"):
+            build_model(model, 3, CNN3_MIN_SIZE - 1)
+
+
+def _tiny_split(n=8, size=32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    return Split(images, torch.arange(n) % 2, ["a", "b"], [str(i) for i in range(n)])
+
+
+def _describe(size=32):
+    return {"model": "cnn3", "task": None, "classes": ["a", "b"], "image_size": size, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "args": {"data": "tiny"}}
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path, monkeypatch):
+    # Validation that never improves after the first epoch: training must stop after
+    # 1 + patience epochs, not run the 10 asked for, and a resume must not train on.
+    monkeypatch.setattr(engine, "predict_probs", lambda model, images, *a, **k: torch.full((len(images), 2), 0.5))
+    split = _tiny_split()
+    config = TrainConfig(epochs=10, batch_size=4, patience=2, augment="none")
+    torch.manual_seed(0)
+    history = fit(build_model("cnn3", 2, 32), split, split, describe=_describe(), config=config, out=tmp_path,
+                  device=torch.device("cpu"), seed=0)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    last = load_checkpoint(tmp_path / "last.pt")
+    assert last["epoch"] == 3 and last["stale_epochs"] == 2 and load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    resumed = fit(build_model("cnn3", 2, 32), split, split, describe=_describe(), config=config, out=tmp_path,
+                  device=torch.device("cpu"), seed=0, resume=True)
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+
+
+def test_gradient_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
+    """The CUDA float16 path's loss scale, with PyTorch's CPU GradScaler standing in for CUDA's
+    (same class and state): it doubles after every step here, so a resume that forgot it
+    would end with a different scale than an uninterrupted run."""
+    monkeypatch.setattr(engine, "make_scaler",
+                        lambda device, amp: torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1))
+    split = _tiny_split()  # 8 images in batches of 4: two steps per epoch
+
+    def run(out, epochs, resume=False):
+        torch.manual_seed(0)
+        fit(build_model("cnn3", 2, 32), split, split, describe=_describe(),
+            config=TrainConfig(epochs=epochs, batch_size=4, augment="none", scheduler="none"), out=out,
+            device=torch.device("cpu"), seed=0, resume=resume)
+        return load_checkpoint(out / "last.pt")
+
+    assert run(tmp_path / "a", 1)["scaler"]["scale"] == 2.0 ** 12
+    resumed = run(tmp_path / "a", 2, resume=True)
+    uninterrupted = run(tmp_path / "b", 2)
+    assert resumed["scaler"] == uninterrupted["scaler"] and resumed["scaler"]["scale"] == 2.0 ** 14
+    for name, tensor in uninterrupted["state_dict"].items():
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+
+
+def test_validation_is_float32_so_evaluation_reproduces_best_pt(demo_data, tmp_path):
+    # Trained with mixed precision (bfloat16 on CPU, whatever the CPU), selected on float32
+    # numbers: those of evaluate.py's predictor for the same weights.
+    out = tmp_path / "amp"
+    run_script("train.py", "--data", demo_data, "--task", "target", "--model", "cnn3", "--epochs", "2",
+               "--augment", "none", "--amp", "on", "--out", out)
+    assert load_checkpoint(out / "last.pt")["args"]["amp"] == "on"
+    best = load_checkpoint(out / "best.pt")["metrics"]
+    val = load_split(demo_data, "val", "target")
+    expected = epoch_metrics(val.labels, load_predictor(out / "best.pt", torch.device("cpu")).predict(val.images))
+    assert best["val_accuracy"] == expected["accuracy"]
+    assert best["val_auroc"] == pytest.approx(expected["auroc"], abs=1e-6)
+    # Equal here to the last bit; the tolerance leaves room for float32 summation order on
+    # other CPUs, and is 10x below what bfloat16 validation moved this loss (2e-5).
+    assert best["val_loss"] == pytest.approx(expected["loss"], rel=2e-6)
+
+
+def test_divergence_is_a_one_line_error(tmp_path):
+    # SGD at lr 1e30 blows the weights up in the first step; the second step's loss is NaN.
+    with pytest.raises(UserError, match=r"training diverged at epoch 1 \(loss nan\); lower --lr"):
+        fit(build_model("cnn3", 2, 32), _tiny_split(), _tiny_split(), describe=_describe(),
+            config=TrainConfig(epochs=1, batch_size=4, optimizer="sgd", lr=1e30, augment="none"),
+            out=tmp_path, device=torch.device("cpu"), seed=0)

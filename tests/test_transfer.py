@@ -1,5 +1,6 @@
 """transfer.py on the demo data: frozen stages stay put, unfrozen ones learn, sweeps, clear errors."""
 import csv
+import shutil
 
 import pytest
 import torch
@@ -83,6 +84,17 @@ def test_freeze_sweep_writes_table_and_plot(demo_data, source_run, tmp_path):
     refused = run_script("transfer.py", "--source", source_run / "best.pt", "--data", demo_data,
                          "--task", "target", "--freeze", "0", "all", "--out", out, check=False)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
+    # --resume continues a sweep: freeze-0 from its last.pt, freeze-all (removed here, as if
+    # it had never started) from scratch; the table is rewritten from both.
+    earlier = load_checkpoint(out / "freeze-0" / "last.pt")["history"]
+    shutil.rmtree(out / "freeze-all")
+    resumed = run_script("transfer.py", "--source", source_run / "best.pt", "--data", demo_data,
+                         "--task", "target", "--freeze", "0", "all", "--epochs", "3", "--out", out, "--resume")
+    assert resumed.stdout.count("resuming") == 1 and "freeze-0" in resumed.stdout
+    continued = load_checkpoint(out / "freeze-0" / "last.pt")["history"]
+    assert [r["epoch"] for r in continued] == [1, 2, 3] and continued[:2] == earlier
+    assert [r["epoch"] for r in load_checkpoint(out / "freeze-all" / "last.pt")["history"]] == [1, 2, 3]
+    assert [int(r["epochs"]) for r in csv.DictReader(open(out / "sweep.csv"))] == [3, 3]
 
 
 def test_too_many_frozen_stages_is_a_one_line_error(demo_data, source_run, tmp_path):
