@@ -1,15 +1,18 @@
 """Classify image files with an exported ONNX model: onnxruntime, numpy and pillow, no PyTorch.
 
 Example: python predict.py runs/target/model.onnx photo.jpg more_photos/ --top-k 2
-Class names and image size come from the model's metadata; each image is resized as in
-training. Prints one line per image (file, then label and probability, best first) or --json.
-Folders are searched recursively for image files.
+         python predict.py --benchmark runs/target/model.int8.onnx --json
+Class names and image size come from the model's metadata; each image is turned upright as its
+EXIF orientation says and resized as in training. Prints one line per image (file, then label
+and probability, best first) or --json. Folders are searched recursively for image files.
+A model needing a newer onnxruntime than the installed one (its min_onnxruntime) is refused.
+--benchmark times the model instead: file size, session creation, first run, p50/p95 latency.
 """
 import json
 from pathlib import Path
 
 from lib import cli
-from lib.edge import OnnxClassifier
+from lib.edge import CPU, OnnxClassifier, benchmark_model, format_benchmark
 from lib.errors import UserError
 from lib.images import IMAGE_SUFFIXES
 
@@ -19,9 +22,20 @@ BATCH = 64
 def get_args_parser():
     parser = cli.make_parser(__doc__)
     parser.add_argument("model", help="an .onnx model written by export.py")
-    parser.add_argument("inputs", nargs="+", help="image files or folders of images")
+    parser.add_argument("inputs", nargs="*", help="image files or folders of images")
     parser.add_argument("--top-k", type=cli.positive_int, default=1, help="how many classes to show per image")
-    parser.add_argument("--json", action="store_true", help="print one JSON document instead of lines")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--provider", default=CPU,
+                        help="onnxruntime execution provider (CPU runs what it cannot); a wrong name "
+                             "lists the installed ones")
+    parser.add_argument("--threads", type=cli.non_negative_int, default=0,
+                        help="threads onnxruntime may use (0: its own choice, one per physical core)")
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--benchmark", action="store_true",
+                       help="time the model (no images needed) at 1, 2 and all threads; ignores --threads")
+    bench.add_argument("--benchmark-batch", type=cli.positive_int, default=BATCH,
+                       help="the larger batch size timed besides batch 1")
+    bench.add_argument("--benchmark-runs", type=cli.positive_int, default=30, help="timed runs per figure")
     return parser
 
 
@@ -42,10 +56,19 @@ def image_paths(inputs):
 
 
 def main(args):
-    classifier = OnnxClassifier(args.model)
+    if args.benchmark:
+        if args.inputs:
+            raise UserError("--benchmark times the model alone: give no image files")
+        report = benchmark_model(args.model, args.provider, (1, args.benchmark_batch), args.benchmark_runs)
+        print(json.dumps(report, indent=1) if args.json else format_benchmark(report))
+        return
+    if not args.inputs:
+        raise UserError("no images: give image files or folders (or --benchmark to time the model)")
+    paths = image_paths(args.inputs)
+    classifier = OnnxClassifier(args.model, args.provider, args.threads)
+    classifier.warm_up()
     top_k = min(args.top_k, len(classifier.classes))
     results = []
-    paths = image_paths(args.inputs)
     for start in range(0, len(paths), BATCH):
         chunk = paths[start:start + BATCH]
         probs = classifier.predict_proba(classifier.load_images(chunk))

@@ -5,9 +5,14 @@ in RGB order, as image libraries decode them, with H = W = the model's image siz
 size N is free. Scaling, mean/std normalisation and the change of layout happen inside the
 graph. The output is (N, C) class probabilities, or raw logits for a --raw-logits export (the
 "output" metadata entry says which); predict_proba returns probabilities either way.
-Class names, image size and the rest of the preprocessing facts are the model's metadata_props.
+Class names, image size, the opset, the oldest onnxruntime that runs the model
+(min_onnxruntime) and the rest of the facts are the model's metadata_props.
 """
+import io
 import json
+import os
+import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +25,7 @@ from lib.images import decode_image
 METADATA_FORMAT = "landmark-classification-onnx/1"
 REQUIRED_METADATA = ("format", "classes", "image_size", "mean", "std", "input", "output")
 INPUT_LAYOUT = "uint8 NHWC RGB"
+CPU = "CPUExecutionProvider"
 
 
 def softmax(logits):
@@ -28,12 +34,97 @@ def softmax(logits):
     return exp / exp.sum(axis=1, keepdims=True)
 
 
-def make_session(path, providers=("CPUExecutionProvider",), threads=0):
-    """An onnxruntime session with explicit providers; threads=0 lets onnxruntime choose."""
+def parse_version(text):
+    """'1.15.1' or '1.17.0+cu118' -> (1, 15, 1) / (1, 17, 0), for comparing releases."""
+    match = re.match(r"\d+(\.\d+)*", str(text).strip())
+    if not match:
+        raise ValueError(f"not a version: {text!r}")
+    return tuple(int(part) for part in match.group(0).split("."))
+
+
+# --- reading metadata_props without onnxruntime (or onnx) --------------------------------------
+# An onnxruntime too old for a model refuses to load it with a message about IR versions or
+# opsets, before its metadata could say which runtime it needs. So the metadata is read from
+# the file first: ModelProto's top-level protobuf fields, skipping the graph without reading it.
+
+def _varint(stream):
+    result = shift = 0
+    while True:
+        byte = stream.read(1)
+        if not byte:
+            raise EOFError
+        result |= (byte[0] & 0x7F) << shift
+        if byte[0] < 0x80:
+            return result
+        shift += 7
+
+
+def _fields(stream, size, keep):
+    """Yield (field number, value) of the protobuf message in stream up to `size`: integers, and
+    the bytes of the length-delimited fields numbered in `keep` (the others are skipped)."""
+    while stream.tell() < size:
+        field, wire = divmod(_varint(stream), 8)
+        if wire == 0:
+            yield field, _varint(stream)
+        elif wire in (1, 2, 5):
+            length = {1: 8, 5: 4}.get(wire) or _varint(stream)
+            if stream.tell() + length > size:
+                raise EOFError
+            if wire == 2 and field in keep:
+                yield field, stream.read(length)
+            else:
+                stream.seek(length, io.SEEK_CUR)
+        else:
+            raise ValueError(f"wire type {wire}")
+
+
+def read_metadata(path):
+    """The model's metadata_props as a dict, read straight from the file."""
+    metadata = {}
+    try:
+        with open(path, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            for field, entry in _fields(stream, size, keep={14}):
+                if field == 14:  # ModelProto.metadata_props: StringStringEntryProto key = 1, value = 2
+                    fields = dict(_fields(io.BytesIO(entry), len(entry), keep={1, 2}))
+                    metadata[fields.get(1, b"").decode()] = fields.get(2, b"").decode()
+    except (EOFError, ValueError, TypeError, UnicodeDecodeError):
+        raise UserError(f"{path}: not a loadable ONNX model (truncated, or not ONNX)") from None
+    return metadata
+
+
+def check_runtime(path, metadata, installed=ort.__version__):
+    """Refuse a model whose min_onnxruntime is newer than the installed onnxruntime."""
+    needed = metadata.get("min_onnxruntime")
+    if not needed:
+        return
+    try:
+        too_old = parse_version(installed) < parse_version(needed)
+    except ValueError:
+        raise UserError(f"{path}: min_onnxruntime {needed!r} in its metadata is not a version") from None
+    if too_old:
+        raise UserError(f"{path}: needs onnxruntime >= {needed} (opset {metadata.get('opset', '?')}), "
+                        f"this is {installed}: upgrade onnxruntime, or export for it (export.py --opset)")
+
+
+# --- sessions ------------------------------------------------------------------------------------
+
+def make_session(path, provider=CPU, threads=0, config=None):
+    """An onnxruntime session on `provider` (CPU for what it cannot run); threads=0: onnxruntime chooses.
+
+    config: session configuration entries, e.g. {"session.qdqisint8allowed": "1"}.
+    """
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise UserError(f"--provider {provider}: not in this onnxruntime {ort.__version__}; "
+                        f"available: {', '.join(available)}")
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
+    for key, value in (config or {}).items():
+        options.add_session_config_entry(key, value)
+    providers = [provider] if provider == CPU else [provider, CPU]
     try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as error:  # onnxruntime raises its own (non-public) exception types
         # onnxruntime >= 1.24 refuses external data outside the model's folder here, too.
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -43,24 +134,36 @@ def make_session(path, providers=("CPUExecutionProvider",), threads=0):
 class OnnxClassifier:
     """An exported classifier: .classes, .image_size, .predict_proba(uint8 (N, H, W, 3))."""
 
-    def __init__(self, path, providers=("CPUExecutionProvider",), threads=0):
+    def __init__(self, path, provider=CPU, threads=0, config=None):
         path = Path(path)
         if not path.is_file():
             raise UserError(f"{path}: no such model file")
         self.path = path
-        self.session = make_session(path, providers, threads)
-        metadata = self.session.get_modelmeta().custom_metadata_map
+        metadata = read_metadata(path)
+        check_runtime(path, metadata)
+        self.session = make_session(path, provider, threads, config)
         missing = [key for key in REQUIRED_METADATA if key not in metadata]
         if missing or metadata.get("format") != METADATA_FORMAT:
             raise UserError(f"{path}: not a model written by export.py (metadata "
                             f"{'lacks ' + ', '.join(missing) if missing else 'format differs'})")
         if metadata["input"] != INPUT_LAYOUT:
             raise UserError(f"{path}: input {metadata['input']!r} is not {INPUT_LAYOUT!r}")
-        self.metadata = dict(metadata)
+        self.metadata = metadata
         self.classes = list(json.loads(metadata["classes"]))
         self.image_size = int(metadata["image_size"])
         self.returns_logits = metadata["output"] == "logits"
         self.input_name = self.session.get_inputs()[0].name
+
+    def blank_batch(self, batch_size=1):
+        return np.zeros((batch_size, self.image_size, self.image_size, 3), np.uint8)
+
+    def run(self, pixels):
+        """The graph's raw output for one batch of uint8 pixels (no checks)."""
+        return self.session.run(None, {self.input_name: pixels})[0]
+
+    def warm_up(self):
+        """One run on a blank image: the first run allocates and picks kernels, so it is slow."""
+        self.run(self.blank_batch())
 
     def predict_proba(self, images, batch_size=64):
         """Probabilities (N, C) float32 for uint8 images (N, image_size, image_size, 3), RGB."""
@@ -69,7 +172,7 @@ class OnnxClassifier:
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
             raise UserError(f"{self.path}: expects uint8 images of shape (N, {', '.join(map(str, expected))}), "
                             f"got {images.dtype} {images.shape}")
-        outputs = [self.session.run(None, {self.input_name: np.ascontiguousarray(images[i:i + batch_size])})[0]
+        outputs = [self.run(np.ascontiguousarray(images[i:i + batch_size]))
                    for i in range(0, len(images), batch_size)]
         if not outputs:
             return np.empty((0, len(self.classes)), dtype=np.float32)
@@ -79,3 +182,59 @@ class OnnxClassifier:
     def load_images(self, paths):
         """Decode and resize image files as training did, stacked as (N, H, W, 3) uint8."""
         return np.stack([decode_image(p, self.image_size) for p in paths])
+
+
+# --- device benchmark ----------------------------------------------------------------------------
+
+def usable_cpus():
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _milliseconds(run):
+    started = time.perf_counter()
+    run()
+    return (time.perf_counter() - started) * 1000
+
+
+def benchmark_model(path, provider=CPU, batch_sizes=(1, 64), runs=30, seed=0):
+    """What a device owner asks first: how big, how long to start, how fast at 1, 2 and all threads.
+
+    Session creation and first-run times are for all threads (a fresh session, the first run
+    unwarmed); latencies are p50/p95 over `runs` timed runs after one warm-up run, on random pixels.
+    """
+    path = Path(path)
+    threads = sorted({min(count, usable_cpus()) for count in (1, 2, usable_cpus())})
+    started = time.perf_counter()
+    classifier = OnnxClassifier(path, provider, threads[-1])
+    report = {"model": str(path), "file_size_mb": path.stat().st_size / 1e6,
+              "onnxruntime": ort.__version__, "provider": provider, "cpus": usable_cpus(),
+              "opset": classifier.metadata.get("opset"),
+              "quantization": json.loads(classifier.metadata.get("quantization", "null")),
+              "session_create_ms": (time.perf_counter() - started) * 1000}
+    rng = np.random.default_rng(seed)
+    batches = {b: rng.integers(0, 256, (b, classifier.image_size, classifier.image_size, 3), dtype=np.uint8)
+               for b in batch_sizes}
+    report["first_run_ms"] = _milliseconds(lambda: classifier.run(batches[batch_sizes[0]]))
+    report["latency"] = []
+    for count in threads:
+        session = classifier if count == threads[-1] else OnnxClassifier(path, provider, count)
+        for batch, pixels in batches.items():
+            session.run(pixels)
+            times = [_milliseconds(lambda: session.run(pixels)) for _ in range(runs)]
+            report["latency"].append({"threads": count, "batch": batch, "runs": runs,
+                                      "p50_ms": float(np.percentile(times, 50)),
+                                      "p95_ms": float(np.percentile(times, 95))})
+    return report
+
+
+def format_benchmark(report):
+    lines = [f"model            {report['model']} ({report['file_size_mb']:.2f} MB, opset {report['opset']})",
+             f"runtime          onnxruntime {report['onnxruntime']}, {report['provider']}, "
+             f"{report['cpus']} CPU(s)",
+             f"session created  {report['session_create_ms']:.1f} ms",
+             f"first run        {report['first_run_ms']:.1f} ms (batch {report['latency'][0]['batch']}, unwarmed)",
+             f"{'threads':>7} {'batch':>6} {'p50 ms':>9} {'p95 ms':>9} {'images/s':>9}"]
+    for row in report["latency"]:
+        lines.append(f"{row['threads']:>7} {row['batch']:>6} {row['p50_ms']:>9.2f} {row['p95_ms']:>9.2f} "
+                     f"{row['batch'] / row['p50_ms'] * 1000:>9.0f}")
+    return "\n".join(lines)

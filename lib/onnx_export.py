@@ -1,16 +1,21 @@
-"""Exporting a checkpoint to ONNX, checking the export against PyTorch, int8 quantization, timing.
+"""Exporting a checkpoint to ONNX, checking the export against PyTorch, timing it against PyTorch.
 
 The exported graph takes raw uint8 pixels and does everything training did to them (see
 lib.edge for the input contract), so a device feeds decoded pixels and nothing can drift.
 The dynamo exporter writes one self-contained file (weights inside, no .data file) with a
-dynamic batch axis. Opset 20: the exporter's own opset in torch 2.14 (asking for another adds
-onnx's version-conversion pass, a source of breakage), and not the newest, so a device's
-runtime need not be either (opset 20 with the IR version 10 the exporter writes: onnxruntime
-1.18 or later).
+dynamic batch axis.
+
+Opsets and runtimes. torch 2.14's exporter writes opset 18 and up itself (17 through onnx's
+version converter) and stamps IR version 10 whatever the opset, which every onnxruntime
+before 1.18 refuses. So the model is stamped with the lowest IR version its opset needs
+(onnx.helper.VERSION_TABLE), and the oldest onnxruntime that runs it goes into the metadata
+(min_onnxruntime), where predict.py checks it. The default opset is the newest one that the
+oldest onnxruntime we test can run: 1.15.1, the oldest release with a wheel for Python 3.11,
+loads opset 19 but has no kernel for Cast-19, so it runs opset 18 at most.
+int8 quantization is lib.quantize's.
 """
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,12 +28,17 @@ from lib.checkpoint import FORMAT
 from lib.files import atomic_write
 from lib.data import check_labels_in_classes, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
-from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, OnnxClassifier, make_session
+from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, make_session
 from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.metrics import auroc
 
-OPSET = 20
+# The oldest onnxruntime that runs a model of each opset: onnxruntime's compatibility table
+# (docs/reference/compatibility.md), except opset 19, which 1.15 loads but cannot run (no Cast-19).
+RUNTIME_FOR_OPSET = {17: "1.12", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.18"}
+DEFAULT_OPSET = 18
+# tests/test_export.py runs predict.py under this runtime when OLD_ORT_PYTHON names one (.ci/run does).
+OLDEST_TESTED_ONNXRUNTIME = "1.15.1"
 INPUT_NAME = "pixels"
 
 
@@ -52,7 +62,11 @@ class PixelClassifier(nn.Module):
         return logits if self.raw_logits else torch.softmax(logits, dim=1)
 
 
-def model_metadata(checkpoint, checkpoint_sha256, raw_logits):
+def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verification_images):
+    """The model's metadata_props: strings, JSON where a value is not one.
+
+    verification_images: where the images the export is verified on come from (data, split, count).
+    """
     return {
         "format": METADATA_FORMAT,
         "classes": json.dumps(list(checkpoint["classes"])),
@@ -63,6 +77,9 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits):
         "output": "logits" if raw_logits else "probabilities",
         "architecture": checkpoint["model"],
         "source_checkpoint_sha256": checkpoint_sha256,
+        "opset": str(opset),
+        "min_onnxruntime": RUNTIME_FOR_OPSET[opset],
+        "verification_images": json.dumps(verification_images),
         "toolkit_version": f"{FORMAT} (torch {torch.__version__}, onnx {onnx.__version__})",
     }
 
@@ -75,12 +92,33 @@ def set_metadata(model_proto, metadata):
         model_proto.metadata_props.add(key=key, value=value)
 
 
-def read_metadata(path):
-    return {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+def stamp_metadata(path, metadata):
+    """Add or replace metadata entries of the model file at `path`."""
+    model_proto = onnx.load(str(path))
+    set_metadata(model_proto, metadata)
+    atomic_write(path, lambda tmp: onnx.save_model(model_proto, tmp))
 
 
-def export_onnx(network, checkpoint, metadata, out, raw_logits=False):
-    """Export to one self-contained file at `out` (atomically) after the full ONNX check."""
+def match_ir_version(model_proto):
+    """Keep only the opsets the nodes use and stamp the lowest IR version they need: an old
+    onnxruntime refuses a model that merely imports an opset or IR version newer than it knows."""
+    used = {node.domain for node in model_proto.graph.node} | {""}
+    kept = [o for o in model_proto.opset_import if o.domain in used]
+    del model_proto.opset_import[:]
+    model_proto.opset_import.extend(kept)
+    model_proto.ir_version = onnx.helper.find_min_ir_version_for(kept, ignore_unknown=True)
+
+
+def check_and_save(model_proto, out):
+    try:
+        onnx.checker.check_model(model_proto, full_check=True)
+    except onnx.checker.ValidationError as error:
+        raise UserError(f"{out}: the model fails the ONNX check ({str(error).splitlines()[0]})") from None
+    atomic_write(out, lambda tmp: onnx.save_model(model_proto, tmp))
+
+
+def export_onnx(network, checkpoint, metadata, out, raw_logits=False, opset=DEFAULT_OPSET):
+    """Export at `opset` to one self-contained file at `out` (atomically) after the full ONNX check."""
     size = checkpoint["image_size"]
     wrapper = PixelClassifier(network, checkpoint["mean"], checkpoint["std"], raw_logits).eval()
     # A batch of 2 as the example: torch.export specialises a dimension of size 1.
@@ -89,47 +127,57 @@ def export_onnx(network, checkpoint, metadata, out, raw_logits=False):
         wrapper, (example,), input_names=[INPUT_NAME],
         output_names=["logits" if raw_logits else "probabilities"],
         dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
-        opset_version=OPSET, external_data=False, dynamo=True, verbose=False)
+        opset_version=opset, external_data=False, dynamo=True, verbose=False)
     model_proto = program.model_proto
+    written = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        raise UserError(f"--opset {opset}: the exporter could not convert the model (it wrote opset {written})")
+    match_ir_version(model_proto)
     set_metadata(model_proto, metadata)
-    try:
-        onnx.checker.check_model(model_proto, full_check=True)
-    except onnx.checker.ValidationError as error:
-        raise UserError(f"{out}: the exported model fails the ONNX check ({str(error).splitlines()[0]})") from None
-    atomic_write(out, lambda tmp: onnx.save_model(model_proto, tmp))
+    check_and_save(model_proto, out)
     return wrapper
 
 
 def generated_images(count, image_size, seed):
-    """Demo-style drawings when the checkpoint's data is not at hand (unlabelled for this model)."""
+    """Demo-style drawings, only when asked for (--synthetic-verify); unlabelled for this model."""
     rng = np.random.default_rng(seed)
     names = SOURCE_CLASSES + TARGET_CLASSES
     pixels = np.stack([render_image(names[i % len(names)], rng, image_size) for i in range(count)])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), None
 
 
-def reference_images(checkpoint, data, split, count=64, seed=0):
+def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0):
     """(uint8 (N, 3, H, W) images, labels or None, where they came from) to verify or calibrate on.
 
-    data None means the checkpoint's own --data/--task when that folder still exists, else
-    generated images.
+    Real images: `data`, or when None the checkpoint's own --data/--task; a folder that is not
+    there is an error, never a silent switch to made-up images. synthetic=True: `count`
+    generated drawings instead. Where they came from is a dict (data, split, count) for the metadata.
     """
+    if synthetic:
+        # Calibration ("train") and verification draw different images.
+        images, labels = generated_images(count, checkpoint["image_size"], seed + (split == "train"))
+        return images, labels, {"data": "generated drawings (--synthetic-verify)", "split": None, "count": count}
     args = checkpoint.get("args") or {}
     task = checkpoint.get("task") or args.get("task")
     if data is not None and data != "demo" and not Path(data).is_dir():
         raise UserError(f"--verify-data {data}: no such folder")
     if data is None:
-        own = args.get("data")
-        if own == "demo" or (own and Path(own).is_dir()):
-            data = own
-    if data is None:
-        # Calibration ("train") and verification draw different images.
-        images, labels = generated_images(count, checkpoint["image_size"], seed + (split == "train"))
-        return images, labels, f"{count} generated images"
+        data = args.get("data")
+        if data is None or (data != "demo" and not Path(data).is_dir()):
+            where = f"its data folder {data} is not here" if data else "it names no data folder"
+            raise UserError(f"nothing to verify the export on: {where}; give --verify-data DIR, "
+                            f"or --synthetic-verify for generated images")
     part = load_split(data, split, task, checkpoint["image_size"])
     if part.labels is not None:
         check_labels_in_classes(part, checkpoint["classes"], f"--verify-data {data}")
-    return part.images, part.labels, f"{len(part)} images of {data} ({split})"
+    folder = data if data == "demo" else str(Path(data).resolve())
+    return part.images, part.labels, {"data": folder, "split": split, "count": len(part)}
+
+
+def describe_images(source):
+    if source["split"] is None:
+        return f"{source['count']} {source['data']}"
+    return f"{source['count']} images of {source['data']} ({source['split']})"
 
 
 def to_nhwc(images):
@@ -149,66 +197,30 @@ def compare(reference, probs, labels, tolerance=None):
     return row
 
 
-def verify(network, checkpoint, model_paths, images, labels, big_batch=64, tolerance=1e-4):
+def verify(network, checkpoint, models, images, labels, big_batch=64, tolerance=1e-4):
     """PyTorch vs each ONNX model on the same images, at batch 1 and at `big_batch`.
 
-    model_paths: {name: (path, held_to_tolerance)}; an int8 model is compared, not held.
-    Returns {row name: row}; the "pytorch" row holds the reference accuracy and AUROC.
+    models: {name: (lib.edge.OnnxClassifier, held_to_tolerance)}; an int8 model is compared, not held.
+    Returns ({row name: row}, {name: probabilities at big_batch}); the "pytorch" row holds the
+    reference accuracy and AUROC.
     """
     reference = predict_probs(network, images, checkpoint["mean"], checkpoint["std"],
                               torch.device("cpu")).numpy()
     pixels = to_nhwc(images)
-    rows = {"pytorch": compare(reference, reference, labels)}
-    for name, (path, held_to_tolerance) in model_paths.items():
-        classifier = OnnxClassifier(path)
+    rows, probs = {"pytorch": compare(reference, reference, labels)}, {}
+    for name, (classifier, held_to_tolerance) in models.items():
         for batch in (1, big_batch):
-            probs = classifier.predict_proba(pixels, batch_size=batch)
-            rows[f"{name} batch {batch}"] = compare(reference, probs, labels,
+            probs[name] = classifier.predict_proba(pixels, batch_size=batch)
+            rows[f"{name} batch {batch}"] = compare(reference, probs[name], labels,
                                                      tolerance if held_to_tolerance else None)
-    return rows
+    return rows, probs
 
 
-class _Batches:
-    """onnxruntime's CalibrationDataReader protocol over a uint8 NHWC array."""
+def optimize_for_runtime(path, out, config=None):
+    """Save the graph onnxruntime runs after its optimisations (fusions) for this CPU.
 
-    def __init__(self, pixels, batch_size=16):
-        self.batches = iter([{INPUT_NAME: pixels[i:i + batch_size]} for i in range(0, len(pixels), batch_size)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-def quantize_int8(fp32_path, out, calibration_pixels, activations="uint8"):
-    """Static QDQ int8 quantization, per-channel signed weights, MinMax calibration.
-
-    quant_pre_process first (shape inference and the graph simplifications onnxruntime
-    recommends before quantizing). Softmax and everything before the first convolution stay
-    float: only the network's own operators are quantized.
+    config: session configuration entries, e.g. {"session.qdqisint8allowed": "1"} for ARM's graph.
     """
-    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
-                                          quantize_static)
-
-    activation_type = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[activations]
-    metadata = read_metadata(fp32_path)
-    with tempfile.TemporaryDirectory() as scratch:
-        prepared = Path(scratch) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared))
-
-        def write(tmp):
-            quantize_static(str(prepared), tmp, _Batches(calibration_pixels), quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=activation_type, weight_type=QuantType.QInt8,
-                            op_types_to_quantize=["Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Add",
-                                                  "GlobalAveragePool", "Flatten", "Reshape"],
-                            calibrate_method=CalibrationMethod.MinMax)
-            quantized = onnx.load(tmp)
-            set_metadata(quantized, {**metadata, "quantization": f"int8 static QDQ, per-channel QInt8 weights, "
-                                                                   f"{activation_type.name} activations"})
-            onnx.save_model(quantized, tmp)
-        atomic_write(out, write)
-
-
-def optimize_for_runtime(path, out):
-    """Save the graph onnxruntime runs after its optimisations (fusions) for this CPU."""
     import onnxruntime as ort
 
     def write(tmp):
@@ -216,18 +228,10 @@ def optimize_for_runtime(path, out):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.optimized_model_filepath = tmp
         options.log_severity_level = 3  # its warning says what the docstring says: for this CPU only
+        for key, value in (config or {}).items():
+            options.add_session_config_entry(key, value)
         ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     atomic_write(out, write)
-
-
-def fused_convolutions(path):
-    """(fused, total): convolutions onnxruntime runs as int8 kernels after optimising the graph."""
-    with tempfile.TemporaryDirectory() as scratch:
-        optimized = Path(scratch) / "optimized.onnx"
-        optimize_for_runtime(path, optimized)
-        ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
-    fused = sum(op in ("QLinearConv", "ConvInteger") for op in ops)
-    return fused, fused + sum(op in ("Conv", "FusedConv", "NhwcFusedConv") for op in ops)
 
 
 def _median_seconds(run, runs, warmup=3):
