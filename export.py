@@ -19,6 +19,7 @@ from lib import cli
 from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
+from lib.flops import inference_flops
 from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, describe_images, export_onnx,
                              model_metadata, optimize_for_runtime, reference_images, stamp_metadata, to_nhwc,
                              verify)
@@ -115,15 +116,17 @@ def main(args):
     checkpoint = load_checkpoint(args.checkpoint)
     network = model_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}")
     images, labels, source = reference_images(checkpoint, args.verify_data, args.verify_split, args.synthetic_verify)
-    metadata = model_metadata(checkpoint, file_hash(args.checkpoint), args.raw_logits, args.opset, source)
+    gflop = inference_flops(network, checkpoint["image_size"]) / 1e9
+    metadata = model_metadata(checkpoint, file_hash(args.checkpoint), args.raw_logits, args.opset, source, gflop)
     runtime_config = TARGETS[args.target].runtime_config if args.quantize else {}
     outputs["fp32"].parent.mkdir(parents=True, exist_ok=True)
     # Everything is written beside OUT first and moved into place only once verified.
     with tempfile.TemporaryDirectory(dir=outputs["fp32"].parent, prefix=".export.") as scratch:
         staged = {name: Path(scratch) / path.name for name, path in outputs.items()}
         wrapper = export_onnx(network, checkpoint, metadata, staged["fp32"], args.raw_logits, args.opset)
-        print(f"exported {checkpoint['model']} (opset {args.opset}, onnxruntime >= {RUNTIME_FOR_OPSET[args.opset]}, "
-              f"input uint8 N,{checkpoint['image_size']},{checkpoint['image_size']},3 RGB) -> {outputs['fp32']}")
+        print(f"exported {checkpoint['model']} ({metadata['stem']} stem, {gflop:.3f} GFLOP per image; opset "
+              f"{args.opset}, onnxruntime >= {RUNTIME_FOR_OPSET[args.opset]}, input uint8 "
+              f"N,{checkpoint['image_size']},{checkpoint['image_size']},3 RGB) -> {outputs['fp32']}")
         if args.quantize:
             pixels, calibrated_on = calibration_set(checkpoint, args.verify_data, args.synthetic_verify,
                                                     args.calibration_images, args.calibration_method, args.seed)

@@ -8,7 +8,7 @@ import torch
 from lib import cli, distributed
 from lib.data import channel_stats, load_split
 from lib.engine import TrainConfig, best_epoch, config_from_args, cost_summary, fit
-from lib.models import MODELS, STEMS, build_model, resolve_stem
+from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, resolve_stem
 from lib.plots import plot_curves
 
 RECIPE = TrainConfig()
@@ -17,7 +17,7 @@ RECIPE = TrainConfig()
 def get_args_parser():
     parser = cli.make_parser(__doc__)
     cli.add_data_args(parser)
-    parser.add_argument("--model", choices=list(MODELS), default="resnet18", help="architecture")
+    parser.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL, help="architecture")
     parser.add_argument("--stem", choices=["auto", *STEMS["resnet"]], default="auto",
                         help="ResNets: 'stock' keeps torchvision's max-pool (4x fewer FLOPs), 'no-maxpool' "
                              "drops it; auto: no-maxpool under 128 px")

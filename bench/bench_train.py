@@ -31,16 +31,15 @@ from lib.engine import (TrainConfig, _epoch_batches, _train_epoch, amp_helps, au
                         make_optimizer, make_scaler, make_scheduler, predict_probs)
 from lib.flops import inference_flops, training_flops  # noqa: E402
 from lib.errors import UserError  # noqa: E402
-from lib.models import MODELS, build_model  # noqa: E402
+from lib.models import DEFAULT_MODEL, MODELS, build_model  # noqa: E402
 
 RECIPE = TrainConfig()
-RECIPE_MODEL = "fast_s"
 
 
 def get_args_parser():
     parser = cli.make_parser(__doc__)
     cli.add_data_args(parser)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=[RECIPE_MODEL, "resnet18"])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=[DEFAULT_MODEL, "resnet18"])
     parser.add_argument("--batch-size", type=cli.positive_int, default=RECIPE.batch_size)
     parser.add_argument("--steps", type=cli.positive_int, default=4, help="training steps per timed repeat")
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed repeats; medians are reported")

@@ -112,9 +112,9 @@ def add_training_args(parser, defaults):
                             "which is validated and saved as best.pt; 0 turns it off")
     group.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,
                        help="validate every this many epochs (and after the last one)")
-    group.add_argument("--min-size", type=positive_int, default=defaults.min_size,
+    group.add_argument("--min-size", type=non_negative_int, default=defaults.min_size,
                        help="progressive resizing: the first epochs train on images this small, growing "
-                            "to the full size by three quarters of the epochs")
+                            "to the full size by three quarters of the epochs; 0 turns it off")
     group.add_argument("--amp", choices=["auto", "on", "off"], default="auto",
                        help="mixed precision for training (bfloat16 on CPU, float16 on CUDA; validation is always "
                             "float32); auto: on where the "

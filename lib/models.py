@@ -105,6 +105,8 @@ MODELS = {
     "resnet50": _resnet(torchvision.models.resnet50),
 }
 
+DEFAULT_MODEL = "fastnet"
+
 # Freezable stages in input-to-output order; the head (classifier) is never a stage.
 STAGES = {
     "cnn3": [["conv1"], ["conv2"], ["conv3"]],
@@ -145,6 +147,12 @@ def build_model(name, num_classes, image_size=64, stem=None):
     if name not in MODELS:
         raise UserError(f"--model {name}: unknown model; choose from {', '.join(MODELS)}")
     return MODELS[name](num_classes, image_size, resolve_stem(name, image_size, stem))
+
+
+def fixed_input_size(name):
+    """cnn3's linear layer reads its feature map flattened, so it takes one input size only
+    (no progressive resizing); the others pool globally and take any size."""
+    return _family(name) == "cnn3"
 
 
 def stage_count(name):

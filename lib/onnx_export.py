@@ -30,6 +30,7 @@ from lib.data import check_labels_in_classes, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
 from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, make_session
 from lib.engine import predict_probs
+from lib.models import resolve_stem
 from lib.errors import UserError
 from lib.metrics import auroc
 
@@ -62,10 +63,11 @@ class PixelClassifier(nn.Module):
         return logits if self.raw_logits else torch.softmax(logits, dim=1)
 
 
-def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verification_images):
+def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verification_images, gflop_per_image):
     """The model's metadata_props: strings, JSON where a value is not one.
 
     verification_images: where the images the export is verified on come from (data, split, count).
+    The stem names the exact network (lib.models.resolve_stem; a max-pool has no weights).
     """
     return {
         "format": METADATA_FORMAT,
@@ -76,6 +78,8 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verificatio
         "input": INPUT_LAYOUT,
         "output": "logits" if raw_logits else "probabilities",
         "architecture": checkpoint["model"],
+        "stem": resolve_stem(checkpoint["model"], checkpoint["image_size"], checkpoint.get("stem")),
+        "gflop_per_image": f"{gflop_per_image:.4f}",
         "source_checkpoint_sha256": checkpoint_sha256,
         "opset": str(opset),
         "min_onnxruntime": RUNTIME_FOR_OPSET[opset],

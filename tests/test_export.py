@@ -15,6 +15,7 @@ from lib.data import load_split
 from lib.edge import OnnxClassifier, read_metadata
 from lib.engine import predict_probs
 from lib.errors import UserError
+from lib.flops import inference_flops
 from lib.onnx_export import DEFAULT_OPSET, OLDEST_TESTED_ONNXRUNTIME, RUNTIME_FOR_OPSET, set_metadata
 
 
@@ -33,8 +34,8 @@ def cnn3_export(target_run, tmp_path_factory):
 def resnet18_export(demo_data, tmp_path_factory):
     run = tmp_path_factory.mktemp("resnet18")
     # Small batches: enough steps for BatchNorm's running statistics to leave their initial values.
-    run_script("train.py", "--data", demo_data, "--task", "target", "--model", "resnet18", "--epochs", "1",
-               "--batch-size", "16", "--lr", "1e-3", "--out", run)
+    run_script("train.py", "--data", demo_data, "--task", "target", "--model", "resnet18", "--stem", "stock",
+               "--epochs", "1", "--batch-size", "16", "--lr", "1e-3", "--out", run)
     result = run_script("export.py", "--checkpoint", run / "best.pt", "--out", run / "model.onnx", "--raw-logits")
     return run, result.stdout
 
@@ -108,6 +109,12 @@ def test_resnet18_raw_logits_export_is_verified(resnet18_export):
     assert set(rows) == {"batch1", "batch64"} and all(d <= 1e-4 for d in rows.values()), stdout
     classifier = OnnxClassifier(run / "model.onnx")
     assert classifier.metadata["output"] == "logits" and classifier.metadata["architecture"] == "resnet18"
+    # The exact network: with torchvision's max-pool, a quarter of the no-max-pool variant's FLOPs.
+    network = model_from_checkpoint(load_checkpoint(run / "best.pt"))
+    assert classifier.metadata["stem"] == "stock" and isinstance(network.maxpool, torch.nn.MaxPool2d)
+    assert float(classifier.metadata["gflop_per_image"]) == pytest.approx(inference_flops(network, 64) / 1e9,
+                                                                          abs=1e-4)
+    assert "stock stem, 0.29" in stdout
     raw = classifier.session.run(None, {classifier.input_name: np.zeros((3, 64, 64, 3), np.uint8)})[0]
     probs = classifier.predict_proba(np.zeros((3, 64, 64, 3), np.uint8))
     assert not np.allclose(raw.sum(1), 1) and np.allclose(probs.sum(1), 1, atol=1e-5)

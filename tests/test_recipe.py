@@ -12,6 +12,7 @@ from lib import crossval, flops
 from lib.augment import augment_batch
 from lib.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
 from lib.data import load_split
+from lib.edge import OnnxClassifier
 from lib.engine import lr_factor, train_size
 from lib.models import build_model, resolve_stem
 
@@ -74,6 +75,12 @@ def test_metrics_report_compute_and_validation_every_few_epochs(demo_data, tmp_p
     if best["epoch"] == 4:
         assert all(torch.equal(best["state_dict"][k], averaged[k]) for k in best["state_dict"])
     assert any(not torch.equal(last["state_dict"][k], averaged[k]) for k in last["state_dict"])
+    exported = run_script("export.py", "--checkpoint", out / "best.pt", "--out", out / "model.onnx").stdout
+    metadata = OnnxClassifier(out / "model.onnx").metadata
+    assert (metadata["architecture"], metadata["stem"]) == ("fastnet", "standard")
+    gflop = flops.inference_flops(model, 64) / 1e9
+    assert float(metadata["gflop_per_image"]) == pytest.approx(gflop, abs=1e-4) and gflop < 0.35
+    assert f"{gflop:.3f} GFLOP per image" in exported
 
 
 def test_stem_is_recorded_and_old_checkpoints_rebuild_as_they_were():
