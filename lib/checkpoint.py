@@ -14,7 +14,7 @@ import torch
 
 from lib.errors import UserError
 from lib.files import atomic_write
-from lib.models import build_model
+from lib.models import build_model, stems_of
 
 FORMAT = "landmark-classification/1"
 REQUIRED = ("format", "model", "classes", "image_size", "mean", "std", "state_dict")
@@ -57,8 +57,11 @@ def file_hash(path):
 
 def model_from_checkpoint(checkpoint, where="checkpoint"):
     """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
-    model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"],
-                        checkpoint.get("stem"))
+    stem = checkpoint.get("stem")
+    if stem not in (None, *stems_of(checkpoint["model"])):
+        raise UserError(f"{where}: weights do not fit model {checkpoint['model']!r} (its stem {stem!r} is none "
+                        f"of {', '.join(stems_of(checkpoint['model']))})")
+    model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"], stem)
     try:
         model.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:

@@ -131,11 +131,15 @@ STEMS = {"resnet": ("no-maxpool", "stock")}
 SINGLE_STEM = "standard"
 
 
+def stems_of(name):
+    return STEMS.get(_family(name), (SINGLE_STEM,))
+
+
 def resolve_stem(name, image_size, stem=None):
     """The stem a model is built with. None or "auto": ResNets drop the max-pool under 128 px
     (the rule every checkpoint without a "stem" entry was built by); other models have one stem."""
     family = _family(name)
-    choices = STEMS.get(family, (SINGLE_STEM,))
+    choices = stems_of(name)
     if stem in (None, "auto"):
         return ("no-maxpool" if image_size < SMALL_INPUT else "stock") if family == "resnet" else SINGLE_STEM
     if stem not in choices:

@@ -14,7 +14,7 @@ from lib import engine
 from lib.checkpoint import load_checkpoint
 from lib.data import Split, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES
-from lib.engine import TrainConfig, fit
+from lib.engine import TrainConfig, fit, lr_factor
 from lib.errors import UserError
 from lib.evaluation import load_predictor
 from lib.metrics import epoch_metrics
@@ -29,7 +29,9 @@ def test_training_beats_chance_and_writes_everything(demo_data, tmp_path):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
-    best = max(float(r["val_auroc"]) for r in rows)
+    # --eval-every 2 (the default) validates epochs 2, 4, 6 and 8 only.
+    assert [r["val_auroc"] != "" for r in rows] == [epoch % 2 == 0 for epoch in range(1, 9)]
+    best = max(float(r["val_auroc"]) for r in rows if r["val_auroc"])
     assert best > 0.8, f"val AUROC {best} is not clearly above chance (0.5)"
 
 
@@ -44,12 +46,16 @@ def test_checkpoint_describes_itself(source_run):
     assert load_checkpoint(source_run / "last.pt")["epoch"] == 3
 
 
-def test_lr_column_is_the_rate_each_epoch_trained_with(source_run):
-    # source_run: 3 epochs of the recipe's cosine schedule from lr 2e-3. The rate of epoch e is
-    # 2e-3 * (1 + cos(pi * (e - 1) / 3)) / 2; the last epoch still trains (not 0).
+def test_lr_column_is_the_rate_each_epoch_trained_with(source_run, demo_data):
+    # source_run: 3 epochs of the recipe's schedule from lr 2e-3 (a warm-up epoch, then cosine),
+    # stepped every batch: the column is the mean rate of the epoch's steps, read before each
+    # step, so the last epoch still trains (not 0).
     rows = list(csv.DictReader(open(source_run / "metrics.csv")))
-    expected = [2e-3 * (1 + math.cos(math.pi * (epoch - 1) / 3)) / 2 for epoch in (1, 2, 3)]
+    steps = math.ceil(len(load_split(demo_data, "train", "source")) / 64)
+    expected = [2e-3 * sum(lr_factor(step / steps, "cosine", 3, 10, 0.1, 1.0)
+                           for step in range((epoch - 1) * steps, epoch * steps)) / steps for epoch in (1, 2, 3)]
     assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-9)
+    assert expected[0] < expected[1] and expected[2] > 0
 
 
 def test_both_layouts_load(demo_data, tmp_path):
@@ -160,7 +166,7 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
     # 1 + patience epochs, not run the 10 asked for, and a resume must not train on.
     monkeypatch.setattr(engine, "predict_probs", lambda model, images, *a, **k: torch.full((len(images), 2), 0.5))
     split = _tiny_split()
-    config = TrainConfig(epochs=10, batch_size=4, patience=2, augment="none")
+    config = TrainConfig(epochs=10, batch_size=4, patience=2, augment="none", eval_every=1, ema=0.0)
     torch.manual_seed(0)
     history = fit(build_model("cnn3", 2, 32), split, split, describe=_describe(), config=config, out=tmp_path,
                   device=torch.device("cpu"), seed=0)
