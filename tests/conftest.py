@@ -1,18 +1,27 @@
 """Shared fixtures: a private demo dataset and quickly trained checkpoints, made once per session.
 
 The tests run the scripts as a user would (subprocesses), so they check the command lines,
-exit codes and files, not only the library.
+exit codes and files, not only the library; error paths that fail before any real work run the
+same parser and main in-process (run_main), which spares an interpreter's start-up each.
 """
+import importlib
+import io
 import os
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
+from unittest import mock
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
-# One thread per script: the tests' models are tiny, and threads fighting over two cores cost more.
+# One thread per script and in this process: the tests' models are tiny, and threads fighting
+# over two cores cost more (on a busy machine, 40 steps of cnn3 took 0.9 s on one thread and
+# 3-18 s on two).
 SCRIPT_ENV = {"OMP_NUM_THREADS": "1"}
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,6 +54,26 @@ def run_script(script, *args, check=True, env=None, timeout=600):
     if check and result.returncode != 0:
         raise AssertionError(f"{script} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+def run_main(script, *args, check=True):
+    """A script as `python SCRIPT ARGS` runs it (its parser and main under lib.cli.run: one-line
+    errors, exit codes), but in this process: for the many error paths where another
+    interpreter would add only seconds of start-up. An exception other than the exits cli.run
+    makes propagates, failing the test as a traceback would. Returns a CompletedProcess."""
+    from lib import cli
+
+    module = importlib.import_module(Path(script).stem)
+    argv = [script, *float32_args(script, args)]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with mock.patch.object(sys, "argv", argv), redirect_stdout(out), redirect_stderr(err):
+        try:
+            cli.run(module.main, module.get_args_parser())
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    if check and code != 0:
+        raise AssertionError(f"{script} exited {code}\n{out.getvalue()}\n{err.getvalue()}")
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

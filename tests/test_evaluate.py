@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from conftest import run_script
+from conftest import run_main, run_script
 from lib.data import load_split
 from lib.demo import TARGET_CLASSES
 from lib.evaluation import build_report, format_report, load_predictor
@@ -82,8 +82,8 @@ def test_evaluate_writes_report_plots_and_predictions(demo_data, target_run, tmp
 
 def test_challenge_split_gets_predictions_only(demo_data, target_run, tmp_path):
     out = tmp_path / "challenge"
-    run_script("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", demo_data, "--task", "target",
-               "--split", "challenge", "--out", out)
+    run_main("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", demo_data, "--task", "target",
+             "--split", "challenge", "--out", out)
     assert sorted(p.name for p in out.iterdir()) == ["predictions.csv"]
     rows = list(csv.DictReader(open(out / "predictions.csv")))
     assert len(rows) == 20 and all(r["true_label"] == "" for r in rows)
@@ -91,8 +91,8 @@ def test_challenge_split_gets_predictions_only(demo_data, target_run, tmp_path):
 
 
 def test_class_mismatch_is_a_one_line_error(demo_data, source_run, tmp_path):
-    result = run_script("evaluate.py", "--checkpoint", source_run / "best.pt", "--data", demo_data,
-                        "--task", "target", "--split", "val", "--out", tmp_path / "eval", check=False)
+    result = run_main("evaluate.py", "--checkpoint", source_run / "best.pt", "--data", demo_data,
+                      "--task", "target", "--split", "val", "--out", tmp_path / "eval", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "differ" in result.stderr
     assert not (tmp_path / "eval" / "metrics.json").exists()
@@ -184,8 +184,8 @@ def test_no_auroc_interval_when_no_resample_holds_every_class():
 
 def test_evaluate_tta_from_the_command_line(demo_data, target_run, tmp_path):
     out = tmp_path / "tta"
-    run_script("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", demo_data, "--split", "val",
-               "--tta", "--out", out)
+    run_main("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", demo_data, "--split", "val",
+             "--tta", "--out", out)
     report = json.loads((out / "metrics.json").read_text())
     assert report["tta"] is True
     rows = list(csv.DictReader(open(out / "predictions.csv")))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_main, run_script
 from lib import cam
 from lib.augment import normalize
 from lib.checkpoint import FORMAT, file_hash, load_checkpoint, model_from_checkpoint, save_checkpoint
@@ -162,9 +162,9 @@ def test_compare_and_sanity_on_image_files(target_run, demo_data, tmp_path):
     other["state_dict"] = build_model("cnn3", len(other["classes"]), other["image_size"]).state_dict()
     save_checkpoint(other, tmp_path / "other.pt")
     out = tmp_path / "compare"
-    result = run_script("explain.py", "--compare", target_run / "best.pt", tmp_path / "other.pt",
-                        "--images", *files, "--target-class", "palace", "--method", "layercam",
-                        "--sanity", "--out", out)
+    result = run_main("explain.py", "--compare", target_run / "best.pt", tmp_path / "other.pt",
+                      "--images", *files, "--target-class", "palace", "--method", "layercam",
+                      "--sanity", "--out", out)
     stats = json.loads((out / "cam_stats.json").read_text())
     assert [m["label"] for m in stats["models"]] == ["A", "B"]
     assert [m["sha256"] for m in stats["models"]] == [file_hash(target_run / "best.pt"),
@@ -201,7 +201,7 @@ def test_bad_layer_bad_checkpoint_and_wrong_classes_are_clear_errors(source_run,
     assert "layer9" in bad_layer.stderr and "conv1, conv2, conv3" in bad_layer.stderr
     fake = tmp_path / "fake.pt"
     fake.write_bytes(b"this is not a checkpoint")
-    not_checkpoint = run_script("explain.py", "--checkpoint", fake, *common, check=False)
+    not_checkpoint = run_main("explain.py", "--checkpoint", fake, *common, check=False)
     _one_line_error(not_checkpoint)
     assert "fake.pt" in not_checkpoint.stderr
     with pytest.raises(UserError, match="classes"):

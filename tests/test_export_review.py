@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_main, run_script
 from lib.augment import normalize
 from lib.checkpoint import load_checkpoint, model_from_checkpoint
 from lib.data import load_split
@@ -23,8 +23,7 @@ CPU = torch.device("cpu")
 def exported(target_run, tmp_path_factory):
     """target_run's best.pt as fp32 and int8 models that output raw logits."""
     out = tmp_path_factory.mktemp("review_onnx") / "model.onnx"
-    run_script("export.py", "--checkpoint", target_run / "best.pt", "--out", out, "--quantize", "int8",
-               "--raw-logits")
+    run_main("export.py", "--checkpoint", target_run / "best.pt", "--out", out, "--quantize", "int8", "--raw-logits")
     return out, out.with_suffix(".int8.onnx")
 
 

@@ -1,7 +1,8 @@
 """Bad input, interruptions and untrusted files, through the scripts' command lines.
 
 Every bad input must end with exit code 2 and ONE line on stderr that names the culprit;
-never a traceback, never a silently wrong answer.
+never a traceback, never a silently wrong answer. The error paths run in-process (run_main:
+the same parser, main and cli.run); interruptions need real processes.
 """
 import csv
 import os
@@ -15,10 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SCRIPT_ENV, float32_args, run_script
+from conftest import REPO, SCRIPT_ENV, float32_args, run_main, run_script
 from lib.cli import prepare_out_dir
 from lib.demo import CSV_COLUMNS
-from lib.errors import UserError
 from lib.files import atomic_write, remove_stale_temporaries
 
 
@@ -48,8 +48,8 @@ def copy_dataset(demo_data, dest, rows=None, task="target"):
 
 
 def train(data, out, *extra, task="target"):
-    return run_script("train.py", "--data", data, "--task", task, "--model", "cnn3", "--epochs", "1",
-                      "--out", out, *extra, check=False)
+    return run_main("train.py", "--data", data, "--task", task, "--model", "cnn3", "--epochs", "1",
+                    "--out", out, *extra, check=False)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -118,8 +118,8 @@ def test_filename_escaping_images_folder(demo_data, tmp_path, name):
 @pytest.mark.parametrize("flag, value", [("--epochs", "-3"), ("--lr", "0"), ("--model", "vgg99"),
                                          ("--augment", "extreme"), ("--batch-size", "zero")])
 def test_invalid_option_values(demo_data, tmp_path, flag, value):
-    result = run_script("train.py", "--data", demo_data, "--task", "target", "--out", tmp_path / "o",
-                        flag, value, check=False)
+    result = run_main("train.py", "--data", demo_data, "--task", "target", "--out", tmp_path / "o", flag, value,
+                      check=False)
     assert_clean_error(result, flag)
 
 
@@ -155,8 +155,8 @@ def bad_checkpoint(case, tmp_path, source_run):
 def test_malicious_pickle_is_refused_and_runs_nothing(source_run, tmp_path, demo_data):
     marker = tmp_path / "pwned"
     evil = malicious_checkpoint(tmp_path / "evil.pt", marker)
-    result = run_script("evaluate.py", "--checkpoint", evil, "--data", demo_data, "--task", "source",
-                        "--split", "val", "--out", tmp_path / "eval", check=False)
+    result = run_main("evaluate.py", "--checkpoint", evil, "--data", demo_data, "--task", "source",
+                      "--split", "val", "--out", tmp_path / "eval", check=False)
     assert_clean_error(result, "evil.pt", "refused")
     assert not marker.exists(), "loading the checkpoint executed code"
 
@@ -164,8 +164,8 @@ def test_malicious_pickle_is_refused_and_runs_nothing(source_run, tmp_path, demo
 @pytest.mark.parametrize("case", ["missing", "truncated", "not a checkpoint", "foreign dict"])
 def test_bad_checkpoint_for_evaluate(source_run, tmp_path, demo_data, case):
     path = bad_checkpoint(case, tmp_path, source_run)
-    result = run_script("evaluate.py", "--checkpoint", path, "--data", demo_data, "--task", "source",
-                        "--split", "val", "--out", tmp_path / "eval", check=False)
+    result = run_main("evaluate.py", "--checkpoint", path, "--data", demo_data, "--task", "source",
+                      "--split", "val", "--out", tmp_path / "eval", check=False)
     assert_clean_error(result, path.name)
 
 
@@ -173,8 +173,8 @@ def test_checkpoint_of_another_architecture(source_run, tmp_path, demo_data):
     checkpoint = torch.load(source_run / "best.pt", weights_only=True)
     mislabelled = tmp_path / "mislabelled.pt"
     torch.save({**checkpoint, "model": "resnet18"}, mislabelled)
-    result = run_script("evaluate.py", "--checkpoint", mislabelled, "--data", demo_data, "--task", "source",
-                        "--split", "val", "--out", tmp_path / "eval", check=False)
+    result = run_main("evaluate.py", "--checkpoint", mislabelled, "--data", demo_data, "--task", "source",
+                      "--split", "val", "--out", tmp_path / "eval", check=False)
     assert_clean_error(result, "mislabelled.pt", "resnet18")
 
 
@@ -190,7 +190,7 @@ def test_every_script_refuses_a_file_that_is_not_a_checkpoint(script, tmp_path, 
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
     args = [a.format(ckpt=text, data=demo_data, out=tmp_path / "out") for a in NOT_A_CHECKPOINT[script]]
-    assert_clean_error(run_script(script, *args, check=False), "notes.pt")
+    assert_clean_error(run_main(script, *args, check=False), "notes.pt")
 
 
 @pytest.mark.parametrize("script, args, flag", [
@@ -201,8 +201,8 @@ def test_every_script_refuses_a_file_that_is_not_a_checkpoint(script, tmp_path, 
 ])
 def test_invalid_option_values_of_other_scripts(script, args, flag, source_run, demo_data, tmp_path):
     args = [a.format(source=source_run / "best.pt") for a in args]
-    result = run_script(script, *args, "--data", demo_data, "--task", "source", "--out", tmp_path / "o",
-                        check=False)
+    result = run_main(script, *args, "--data", demo_data, "--task", "source", "--out", tmp_path / "o",
+                      check=False)
     assert_clean_error(result, flag)
 
 
@@ -267,20 +267,16 @@ def test_resume_with_other_settings_is_refused_in_one_line(source_run, demo_data
     out.mkdir()
     shutil.copy(source_run / "last.pt", out / "last.pt")
     before = (out / "last.pt").read_bytes()
-    result = run_script("train.py", "--data", demo_data, "--task", "target", "--model", "resnet18",
-                        "--image-size", "32", "--out", out, "--resume", check=False)
+    result = run_main("train.py", "--data", demo_data, "--task", "target", "--model", "resnet18",
+                      "--image-size", "32", "--out", out, "--resume", check=False)
     assert_clean_error(result, "--resume", "last.pt", "--model, --task, --image-size", "--model cnn3")
     assert "--data" not in result.stderr, "the data folder is the same"
     assert (out / "last.pt").read_bytes() == before
-    # The same flags on another copy of the data: only --data is named (in-process, no need
-    # for another interpreter).
-    import train
-
+    # The same flags on another copy of the data: only --data is named.
     other = copy_dataset(demo_data, tmp_path / "other", task="source")
-    args = train.get_args_parser().parse_args(float32_args("train.py", [
-        "--data", other, "--task", "source", "--model", "cnn3", "--out", out, "--resume"]))
-    with pytest.raises(UserError, match=r"different --data \(it had --data "):
-        train.main(args)
+    result = run_main("train.py", "--data", other, "--task", "source", "--model", "cnn3", "--out", out, "--resume",
+                      check=False)
+    assert_clean_error(result, "different --data (it had --data ")
     assert (out / "last.pt").read_bytes() == before
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_main, run_script
 from lib import engine
 from lib.checkpoint import load_checkpoint
 from lib.data import Split, load_split
@@ -132,8 +132,8 @@ def test_bad_data_gives_one_line_error(tmp_path):
     assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "landmarks.csv").write_text("filename,partition,task\nx.png,train,source\n")
-    malformed = run_script("train.py", "--data", tmp_path / "bad", "--task", "source", "--out", tmp_path / "o",
-                           check=False)
+    malformed = run_main("train.py", "--data", tmp_path / "bad", "--task", "source", "--out", tmp_path / "o",
+                         check=False)
     assert malformed.returncode == 2 and "semantic_label" in malformed.stderr
     assert "Traceback" not in malformed.stderr and len(malformed.stderr.strip().splitlines()) == 1
 

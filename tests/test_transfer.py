@@ -5,7 +5,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import run_main, run_script
 from lib.checkpoint import FORMAT, file_hash, load_checkpoint, save_checkpoint
 from lib.data import Split, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES
@@ -81,8 +81,8 @@ def test_freeze_sweep_writes_table_and_plot(demo_data, source_run, tmp_path):
     probe = load_checkpoint(out / "freeze-all" / "last.pt")
     assert probe["lineage"]["frozen_stages"] == 3
     assert all(torch.equal(source[k], probe["state_dict"][k]) for k in source if not k.startswith("fc."))
-    refused = run_script("transfer.py", "--source", source_run / "best.pt", "--data", demo_data,
-                         "--task", "target", "--freeze", "0", "all", "--out", out, check=False)
+    refused = run_main("transfer.py", "--source", source_run / "best.pt", "--data", demo_data,
+                       "--task", "target", "--freeze", "0", "all", "--out", out, check=False)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
     # --resume continues a sweep: freeze-0 from its last.pt, freeze-all (removed here, as if
     # it had never started) from scratch; the table is rewritten from both.
@@ -98,8 +98,8 @@ def test_freeze_sweep_writes_table_and_plot(demo_data, source_run, tmp_path):
 
 
 def test_too_many_frozen_stages_is_a_one_line_error(demo_data, source_run, tmp_path):
-    result = run_script("transfer.py", "--source", source_run / "best.pt", "--data", demo_data, "--task", "target",
-                        "--freeze", "4", "--out", tmp_path / "out", check=False)
+    result = run_main("transfer.py", "--source", source_run / "best.pt", "--data", demo_data, "--task", "target",
+                      "--freeze", "4", "--out", tmp_path / "out", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip() == "transfer.py: error: --freeze 4: cnn3 has 3 stages; choose from 0, 1, 2, 3, all"
 
