@@ -28,7 +28,7 @@ from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
 from lib.data import Split, channel_stats, load_split  # noqa: E402
 from lib.engine import (TrainConfig, _epoch_batches, _train_epoch, amp_helps, autocast,  # noqa: E402
-                        make_optimizer, make_scaler, make_scheduler, predict_probs)
+                        make_ema, make_optimizer, make_scaler, make_scheduler, predict_probs)
 from lib.flops import inference_flops, training_flops  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.models import DEFAULT_MODEL, MODELS, build_model  # noqa: E402
@@ -106,10 +106,11 @@ def bench_model(name, train, val, mean, std, config, args, device):
     warm = Split(train.images[:batch * args.warmup], train.labels[:batch * args.warmup], train.classes,
                  train.filenames[:batch * args.warmup])
     scheduler = make_scheduler(optimizer, config, args.steps)
+    ema = make_ema(model, config.ema)
 
     def loop(split, epoch):
         batches = _epoch_batches(split, 0, epoch, batch)
-        _train_epoch(net, model, None, (), split, batches, mean, std, config, optimizer, scheduler, scaler, 0,
+        _train_epoch(net, model, ema, (), split, batches, mean, std, config, optimizer, scheduler, scaler, 0,
                      device, epoch, args.image_size)
 
     net.train()

@@ -217,6 +217,11 @@ def _epoch_batches(split, seed, epoch, batch_size):
     return batches
 
 
+def make_ema(model, decay):
+    """The exponential moving average of `model`'s weights and BatchNorm statistics, or None (decay 0)."""
+    return AveragedModel(model, multi_avg_fn=_ema_update(decay), use_buffers=True) if decay else None
+
+
 def _ema_update(decay):
     """AveragedModel's update with a warm-up: the decay grows towards `decay` as (1 + n) / (10 + n),
     so the average is not dominated by the random initial weights in a short run."""
@@ -270,14 +275,14 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     steps_per_epoch = len(_epoch_batches(train, seed, 1, config.batch_size))
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     scaler = make_scaler(device, config.amp)
-    ema = AveragedModel(model, multi_avg_fn=_ema_update(config.ema), use_buffers=True) if config.ema else None
+    ema = make_ema(model, config.ema)
     evaluated = ema.module if ema else model
     compute = ComputeCounter(model, len(train.classes), image_size)
     history, best, start_epoch, stale = [], None, 1, 0
     if resume:
         state = load_checkpoint(out / "last.pt")
         check_resume(state, describe, out / "last.pt")
-        model.load_state_dict(state["state_dict"])
+        model.load_state_dict(state.get("raw_state_dict", state["state_dict"]))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema:
@@ -345,8 +350,10 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                               "state_dict": evaluated.state_dict()}
                 if improved:
                     save_checkpoint(checkpoint, out / "best.pt")
-                save_checkpoint({**checkpoint, "state_dict": model.state_dict(),
-                                 **({"ema": ema.state_dict()} if ema else {}),
+                # state_dict is always the validated weights (the average, with --ema); the
+                # weights being trained travel beside it for --resume.
+                save_checkpoint({**checkpoint, **({"raw_state_dict": model.state_dict(), "ema": ema.state_dict()}
+                                                  if ema else {}),
                                  "optimizer": optimizer.state_dict(),
                                  "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
                                  "history": history,

@@ -39,9 +39,9 @@ TEST_AMP = os.environ.get("LANDMARK_TEST_AMP", "off")
 
 
 def float32_args(script, args):
-    """train.py and transfer.py get --amp off (TEST_AMP) unless a test chooses --amp itself."""
+    """train.py, transfer.py and crossval.py get --amp off (TEST_AMP) unless a test chooses --amp itself."""
     args = [str(a) for a in args]
-    if Path(script).name in ("train.py", "transfer.py") and "--amp" not in args:
+    if Path(script).name in ("train.py", "transfer.py", "crossval.py") and "--amp" not in args:
         args += ["--amp", TEST_AMP]
     return args
 

@@ -68,13 +68,15 @@ def test_metrics_report_compute_and_validation_every_few_epochs(demo_data, tmp_p
     assert [float(r["tflop"]) * 1e12 for r in rows] == pytest.approx(expected, rel=1e-9)
     assert float(rows[-1]["total_tflop"]) * 1e12 == pytest.approx(sum(expected), rel=1e-9)
     assert f"{sum(expected) / 1e12:.2f} TFLOP" in result.stdout.splitlines()[-1]
-    # With --ema the average is what is validated and saved; last.pt keeps both for --resume.
+    # With --ema the average is what is validated and saved as state_dict; last.pt keeps the
+    # weights being trained beside it for --resume.
     last = load_checkpoint(out / "last.pt")
     averaged = {k.removeprefix("module."): v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(last["state_dict"][k], averaged[k]) for k in last["state_dict"])
+    assert any(not torch.equal(last["raw_state_dict"][k], averaged[k]) for k in averaged)
     best = load_checkpoint(out / "best.pt")
     if best["epoch"] == 4:
         assert all(torch.equal(best["state_dict"][k], averaged[k]) for k in best["state_dict"])
-    assert any(not torch.equal(last["state_dict"][k], averaged[k]) for k in last["state_dict"])
     exported = run_script("export.py", "--checkpoint", out / "best.pt", "--out", out / "model.onnx").stdout
     metadata = OnnxClassifier(out / "model.onnx").metadata
     assert (metadata["architecture"], metadata["stem"]) == ("fastnet", "standard")
