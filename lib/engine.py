@@ -260,9 +260,9 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     saved as best.pt. Returns the history, a list of per-epoch metric dicts.
     """
     out = Path(out)
-    mean, std, image_size = describe["mean"], describe["std"], describe["image_size"]
+    mean, std, image_size = describe["mean"], describe["std"], train.images.shape[-1]
     check_splits(train, val)
-    if config.min_size and fixed_input_size(describe["model"]):
+    if config.min_size and fixed_input_size(describe.get("model", "")):
         config = replace(config, min_size=0)
         if distributed.is_main():
             print(f"note: {describe['model']} takes {image_size} px inputs only, so every epoch trains at "
