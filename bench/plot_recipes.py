@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lib import cli  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.plots import plt, save_figure  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 MARKERS = {"new default": ("*", "tab:red"), "old default": ("s", "tab:gray")}
 
@@ -54,6 +55,8 @@ def main(args):
                 label = f"{name} ({entry['role']})" if entry["role"] else name
                 ax.annotate(label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=7)
             ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.margins(x=0.35)
             ax.set_xlabel("training TFLOP (log)" if cost == "tflop" else "float32 seconds here (log)")
             ax.set_ylabel(f"source {metric.replace('_', ' ')}")
             ax.grid(alpha=0.3, which="both")

@@ -1,9 +1,12 @@
-"""The model registry, what a "stage" is per model, and each model's default Grad-CAM layer.
+"""The model registry, what a "stage" is per model, each model's stem, and its default Grad-CAM layer.
+
+fastnet (the default) is a compact network for small photos (see FastNet).
 
 ResNets on small photos: torchvision's ResNets shrink the input 4x before layer1 (a stride-2
 7x7 conv, then a stride-2 max-pool), which leaves a 64x64 photo only 2x2 at layer4. For inputs
-under 128 pixels we drop the max-pool, so layer1 works at 32x32 and layer4 at 4x4. Everything
-else is torchvision's model, trained from scratch (no downloaded weights).
+under 128 pixels we drop the max-pool by default (the "no-maxpool" stem), so layer1 works at
+32x32 and layer4 at 4x4; the "stock" stem keeps it, at a quarter of the FLOPs. Everything else
+is torchvision's model, trained from scratch (no downloaded weights).
 """
 import torch
 import torch.nn as nn
@@ -63,7 +66,7 @@ class FastNet(nn.Module):
     conv -> 2x2 max-pool -> BatchNorm -> ReLU -> conv -> BatchNorm -> ReLU at widths 64, 128 and
     256, a global max-pool and one linear layer: 1.2M parameters and 0.17 GFLOP per 64x64
     image, against ResNet-18's 11.2M and 1.13 GFLOP without its max-pool (0.30 with it).
-    Any input size divisible by 16 works (progressive resizing trains on smaller ones).
+    Any input of 16 px or more works (progressive resizing trains on smaller ones).
     """
 
     def __init__(self, num_classes, widths=(64, 128, 256), stem=32):
@@ -99,7 +102,6 @@ def _plain(builder):
 MODELS = {
     "cnn3": _plain(CNN3),
     "fastnet": _plain(lambda num_classes, image_size: FastNet(num_classes)),
-    "fast_s": _plain(lambda num_classes, image_size: FastNet(num_classes)),
     "resnet18": _resnet(torchvision.models.resnet18),
     "resnet34": _resnet(torchvision.models.resnet34),
     "resnet50": _resnet(torchvision.models.resnet50),
@@ -117,12 +119,13 @@ HEAD = "fc"
 
 # layer4 of a ResNet is 4x4 on a 64x64 photo: too coarse for a useful map. layer3 (8x8)
 # keeps enough resolution while still seeing whole building parts.
-# cnn3: conv2 after its ReLU (8x8); CAM methods assume non-negative activations.
+# fastnet: layer2 (8x8), the same resolution. cnn3: conv2 after its ReLU (8x8); CAM methods
+# assume non-negative activations.
 CAM_LAYER = {"cnn3": "relu2", "resnet": "layer3", "fastnet": "layer2"}
 
 
 def _family(name):
-    return "resnet" if name.startswith("resnet") else "fastnet" if name.startswith("fast") else name
+    return "resnet" if name.startswith("resnet") else name
 
 
 # A stem variant changes the network but not its weights (a max-pool has none), so a checkpoint
