@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from lib import cli
 from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from lib.engine import TrainConfig
 from lib.errors import UserError
@@ -33,8 +34,6 @@ SWEEP_COLUMNS = ["frozen_stages", "trainable_params", "best_epoch", "best_val_au
 
 def add_transfer_args(parser, sweep):
     """The flags of transfer.py and crossval.py: source, data, frozen stages and the recipe."""
-    from lib import cli
-
     parser.add_argument("--source", required=True, help="checkpoint to start from (train.py's best.pt)")
     cli.add_data_args(parser, image_size=False)
     parser.add_argument("--freeze", nargs="+" if sweep else None, default=DEFAULT_FREEZE if sweep else DEFAULT_FREEZE[0],
