@@ -240,7 +240,7 @@ class ComputeCounter:
     images forward, each size counted once (lib.flops)."""
 
     def __init__(self, model, num_classes, image_size):
-        self.model, self.num_classes, self.image_size = model, num_classes, image_size
+        self.model, self.num_classes = model, num_classes
         self.train_per_image, self.eval_per_image = {}, flops.inference_flops(model, image_size)
 
     def epoch(self, train_images, size, val_images):
