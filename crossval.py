@@ -1,55 +1,79 @@
-"""Cross-validate a transfer recipe: k stratified folds over the task's labelled images (train + val).
+"""Cross-validate a transfer recipe and its checkpoint selection: nested stratified k-fold over the labelled images.
 
-Example: python crossval.py --source runs/source/best.pt --data ../shared/data/landmarks --task target --out runs/cv
-Takes transfer.py's options. Each fold trains on k-1 parts into OUT/fold-N/ and is scored on the
-held-out part at its last epoch (no early stopping, no epoch chosen on held-out images).
-Writes OUT/crossval.csv (one row per fold) and OUT/crossval.json (means and standard deviations).
-Recipes run with the same --seed and data see the same folds.
+Example: python crossval.py --source runs/source/model.pt --data ../shared/data/landmarks --task target --out runs/cv
+Takes transfer.py's options. The train and val images are pooled and split into --folds
+stratified folds (by --fold-seed, so recipes and seeds see the same folds); each fold's
+training images are split again into inner train and inner val (--inner-val of them). Each
+fold trains every epoch into OUT/fold-N/, validates on inner val and predicts its held-out
+part at every epoch (OUT/fold-N/heldout.pt), which chooses nothing; then every selection rule
+(last epoch, best by each metric, early stopping, the recipe's own) is scored on the held-out
+images at the epoch it picks. Writes OUT/crossval.csv (one row per rule and fold) and
+OUT/crossval.json (per rule: means and standard deviations over folds). --inner-val 0 is plain
+k-fold: train on all of a fold's training images and score the last epoch only.
 """
-import dataclasses
-
-from lib import cli, crossval, distributed, transfer
+from lib import cli, crossval, transfer
 from lib.data import load_split
-from lib.engine import config_from_args, fit
+from lib.distributed import pick_device
 from lib.files import write_csv, write_json
+from lib.recipe import config_from_args
 
 
 def get_args_parser():
     parser = cli.make_parser(__doc__)
     transfer.add_transfer_args(parser, sweep=False)
-    parser.add_argument("--folds", type=cli.positive_int, default=5, help="number of folds")
-    cli.add_run_args(parser, "output folder for the folds' runs, crossval.csv and crossval.json",
-                     seed_help="seed for the folds, weights, shuffling and augmentation")
+    group = parser.add_argument_group("cross-validation")
+    group.add_argument("--folds", type=cli.positive_int, default=5, help="number of outer folds")
+    group.add_argument("--fold-seed", type=cli.non_negative_int, default=0,
+                       help="seed of the outer folds and inner splits (--seed seeds the training)")
+    group.add_argument("--inner-val", type=cli.unit_interval, default=0.25,
+                       help="share of each fold's training images that validate (inner val); 0: plain k-fold")
+    cli.add_run_args(parser, "output folder for the folds' runs, crossval.csv and crossval.json; with --resume, "
+                             "finished folds are kept", seed_help="seed for weights, shuffling and augmentation")
     return parser
 
 
 def main(args):
-    device = distributed.pick_device(args.device)
+    device = pick_device(args.device)
     source = transfer.load_source(args.source)
+    crossval.check_source(source, args.source, args.task, args.data)
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
-    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("crossval.csv", "crossval.json"))
+    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite or args.resume,
+                              markers=("crossval.csv", "crossval.json"))
     labelled = crossval.pool(*(load_split(args.data, split, args.task, source["image_size"], args.skip_bad_images)
                                for split in ("train", "val")))
-    # Every epoch runs: stopping early would let the held-out images choose.
-    config = dataclasses.replace(config_from_args(args, device), patience=args.epochs)
-    print(f"{source['model']} from {args.source}: {args.folds}-fold cross-validation over {len(labelled)} "
-          f"labelled images of {args.task}, freeze {args.freeze}, {device}, amp {'on' if config.amp else 'off'}")
-    rows = []
-    for fold, (train, heldout) in enumerate(crossval.folds(labelled, args.folds, args.seed), start=1):
-        model, frozen = transfer.build_target(source, args.source, len(labelled.classes), k, args.seed)
-        describe = transfer.target_describe(source, args.task, labelled.classes, cli.plain_args(args),
-                                            transfer.lineage(args.source, k, source["model"]))
+    recipe = config_from_args(args, device)
+    settings = {"folds": args.folds, "fold_seed": args.fold_seed, "inner_val": args.inner_val}
+    nested = args.inner_val > 0
+    print(f"{source['model']} from {args.source}: {args.folds}-fold {'nested ' if nested else ''}cross-validation "
+          f"over {len(labelled)} labelled images of {cli.data_name(args.data, args.task)}, freeze {args.freeze}, "
+          f"{device}, amp {'on' if recipe.amp else 'off'}; every epoch runs and is validated on "
+          f"{'inner val' if nested else 'the held-out fold'}; the held-out fold chooses nothing")
+    describe = transfer.target_describe(source, args.task, labelled.classes, cli.plain_args(args),
+                                        transfer.lineage(args.source, k, source["model"]))
+    records = []
+    for fold, (train, heldout) in enumerate(crossval.folds(labelled, args.folds, args.fold_seed), start=1):
+        path = out / f"fold-{fold}" / crossval.RECORD
+        if args.resume and path.is_file():
+            records.append(crossval.load_record(path))
+            crossval.check_record(records[-1], describe, settings, path)
+            print(f"fold {fold}/{args.folds}: finished earlier, kept ({path})")
+            continue
+        inner_train, val = crossval.inner_split(train, args.inner_val, args.fold_seed) if nested else (train, heldout)
         run_dir = cli.prepare_out_dir(out / f"fold-{fold}", overwrite=True)
-        history = fit(model, train, heldout, describe=describe, config=config, out=run_dir, device=device,
-                      seed=args.seed, param_groups=transfer.param_groups(model, args.lr_backbone),
-                      frozen_modules=frozen)
-        rows.append(crossval.fold_row(fold, train, heldout, history))
-        print(f"fold {fold}/{args.folds}: held-out loss {rows[-1]['loss']:.4f}, accuracy "
-              f"{rows[-1]['accuracy']:.4f}, AUROC {rows[-1]['auroc']:.4f}")
+        records.append(crossval.run_fold(fold, inner_train, val, heldout, source=source, source_path=args.source,
+                                         k=k, describe=describe, recipe=recipe, out=run_dir, device=device,
+                                         seed=args.seed, settings=settings))
+        crossval.save_record(records[-1], path)
+        print(f"fold {fold}/{args.folds}: {len(inner_train)} train / {len(val)} val / {len(heldout)} held-out "
+              f"images -> {path}")
+    rows = crossval.score(records, crossval.rules(recipe, nested))
     summary = crossval.summarise(rows)
-    print(crossval.format_table(rows, summary))
+    print(crossval.format_table(summary))
     write_csv(rows, out / "crossval.csv", crossval.COLUMNS)
-    write_json({"args": cli.plain_args(args), **summary, "per_fold": rows}, out / "crossval.json")
+    write_json({"args": cli.plain_args(args), "folds": args.folds, "heldout_images": len(labelled),
+                "tflop": sum(record["tflop"] for record in records),
+                "rules": {rule.name: rule._asdict() for rule in crossval.rules(recipe, nested)},
+                "summary": summary, "per_fold": rows}, out / "crossval.json")
     print(f"-> {out / 'crossval.csv'}, {out / 'crossval.json'}")
 
 

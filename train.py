@@ -1,15 +1,18 @@
 """Train an image classifier from scratch on one task of a dataset.
 
 Example: python train.py --data ../shared/data/landmarks --task source --out runs/source
-Writes OUT/best.pt, OUT/last.pt, OUT/metrics.csv and OUT/curves.png.
+Writes OUT/model.pt (the checkpoint --select recommends), OUT/best.pt, OUT/last.pt,
+OUT/metrics.csv and OUT/curves.png.
 """
 import torch
 
 from lib import cli, distributed
 from lib.data import channel_stats, load_split
-from lib.engine import TrainConfig, best_epoch, config_from_args, cost_summary, fit
+from lib.engine import cost_summary, fit
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, resolve_stem
 from lib.plots import plot_curves
+from lib.recipe import TrainConfig, config_from_args
+from lib.selection import chosen_row
 
 RECIPE = TrainConfig()
 
@@ -40,15 +43,15 @@ def main(args):
     describe = {"model": args.model, "stem": stem, "task": args.task, "classes": train.classes,
                 "image_size": args.image_size, "mean": mean, "std": std, "args": cli.plain_args(args)}
     if distributed.is_main():
-        print(f"{args.model} on {args.task}: {len(train)} train / {len(val)} val images, "
+        print(f"{args.model} on {cli.data_name(args.data, args.task)}: {len(train)} train / {len(val)} val images, "
               f"{len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")
     history = fit(model, train, val, describe=describe, config=config, out=out, device=device,
                   seed=args.seed, resume=args.resume)
     if distributed.is_main():
         plot_curves(history, out / "curves.png")
-        best = best_epoch(history)
-        print(f"best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.4f}, "
-              f"val AUROC {best['val_auroc']:.4f} -> {out / 'best.pt'}; {cost_summary(history)}")
+        chosen = chosen_row(history, config)
+        print(f"{out / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
+              f"{chosen['val_accuracy']:.4f}, val AUROC {chosen['val_auroc']:.4f}; {cost_summary(history)}")
     distributed.cleanup()
 
 

@@ -1,7 +1,8 @@
 """Fine-tune a source checkpoint on another task, with its first stages frozen.
 
 Example: python transfer.py --source runs/source/best.pt --data ../shared/data/landmarks --task target --out runs/target
-Writes OUT/best.pt, OUT/last.pt, OUT/metrics.csv and OUT/curves.png. Images are read at the
+Writes OUT/model.pt (the checkpoint --select recommends), OUT/best.pt, OUT/last.pt,
+OUT/metrics.csv and OUT/curves.png. Images are read at the
 source checkpoint's size and normalised with its mean/std. With several --freeze values (a
 sweep) each run goes to OUT/freeze-K/ and OUT/sweep.csv and OUT/sweep.png compare them; with
 --resume a sweep continues the runs that have a last.pt and starts the others.
@@ -10,9 +11,11 @@ from pathlib import Path
 
 from lib import cli, distributed, transfer
 from lib.data import load_split
-from lib.engine import config_from_args, cost_summary, fit
+from lib.engine import cost_summary, fit
 from lib.models import stage_count
 from lib.plots import plot_curves, plot_sweep
+from lib.recipe import config_from_args
+from lib.selection import chosen_row
 
 
 def get_args_parser():
@@ -49,7 +52,7 @@ def main(args):
     val = load_split(args.data, "val", args.task, source["image_size"], args.skip_bad_images)
     config = config_from_args(args, device)
     if distributed.is_main():
-        print(f"{model_name} from {args.source} to {args.task}: {len(train)} train / {len(val)} val "
+        print(f"{model_name} from {args.source} to {cli.data_name(args.data, args.task)}: {len(train)} train / {len(val)} val "
               f"images, {len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")
     rows, histories = [], {}
     for k, label, (run_dir, resume) in zip(freezes, labels, run_dirs):
@@ -66,9 +69,10 @@ def main(args):
             row, histories[label] = transfer.run_summary(label, model, run_dir)
             rows.append(row)
             plot_curves(histories[label], run_dir / "curves.png")
-            print(f"best epoch {row['best_epoch']}: val accuracy {row['best_val_accuracy']:.4f}, "
-                  f"val AUROC {row['best_val_auroc']:.4f} -> {run_dir / 'best.pt'}; "
-                  f"{cost_summary(histories[label])}")
+            chosen = chosen_row(histories[label], config)
+            print(f"{run_dir / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
+                  f"{chosen['val_accuracy']:.4f}, val AUROC {chosen['val_auroc']:.4f}; best.pt: epoch "
+                  f"{row['best_epoch']}; {cost_summary(histories[label])}")
     if len(rows) > 1:
         print(transfer.format_sweep(rows))
         transfer.write_sweep_csv(rows, out / "sweep.csv")

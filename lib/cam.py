@@ -159,7 +159,8 @@ def map_correlations(maps_a, maps_b):
 def sanity_check(checkpoint, heatmaps, images, targets, method, layer_names, device, seed):
     """Correlation of the trained model's maps with those of a freshly initialised copy."""
     torch.manual_seed(seed)
-    random_model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"])
+    random_model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"],
+                               checkpoint.get("stem"))
     random_maps = compute_heatmaps(random_model, images, checkpoint["mean"], checkpoint["std"], device,
                                    method, layer_names, targets)
     pearson, spearman = map_correlations(heatmaps, random_maps)

@@ -2,8 +2,14 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 torch.load(path, weights_only=True): a file that would run code on load is refused.
-Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes, image_size, mean, std, args, epoch, metrics, state_dict, and for
-resuming training also optimizer, scheduler, rng, and lineage for transferred models.
+Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes,
+image_size, mean, std, args, epoch, metrics, state_dict; lineage for transferred models;
+selection in OUT/model.pt (which rule chose it). OUT/last.pt adds history and `training`, the
+state a resumed run continues from (training_state / restore_training_state).
+
+FORMAT changes when the contents do. Format 1 (before the `training` entry, with the older
+scheduler and weight average) still loads for evaluation, explanation, export and transfer;
+only --resume needs the current format.
 """
 import hashlib
 import pickle
@@ -16,8 +22,11 @@ from lib.errors import UserError
 from lib.files import atomic_write
 from lib.models import build_model, stems_of
 
-FORMAT = "landmark-classification/1"
+FORMAT = "landmark-classification/2"
+READABLE = (FORMAT, "landmark-classification/1")
 REQUIRED = ("format", "model", "classes", "image_size", "mean", "std", "state_dict")
+# What only a resumed run needs; OUT/model.pt and best.pt leave it out.
+TRAINING_KEYS = ("history", "training")
 
 
 def save_checkpoint(checkpoint, path):
@@ -38,7 +47,7 @@ def load_checkpoint(path):
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, LookupError) as error:
         raise UserError(f"checkpoint {path}: not a readable checkpoint (truncated or another "
                         f"format: {str(error).splitlines()[0] if str(error) else type(error).__name__})") from None
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
+    if not isinstance(checkpoint, dict) or checkpoint.get("format") not in READABLE:
         raise UserError(f"checkpoint {path}: not a {FORMAT} checkpoint")
     missing = [k for k in REQUIRED if k not in checkpoint]
     if missing:
@@ -70,28 +79,98 @@ def model_from_checkpoint(checkpoint, where="checkpoint"):
     return model.eval()
 
 
-def _data_location(data):
+def data_location(data):
     """--data as a comparable value: 'demo', or the folder's resolved path."""
     return data if data in (None, "demo") else str(Path(data).resolve())
+
+
+def training_state(model, ema, optimizer, scheduler, scaler, selector, best_val_probs):
+    """Everything a resumed run continues from, beyond the validated weights (last.pt's `training`)."""
+    return {"raw_state_dict": model.state_dict(), "ema": ema.state_dict() if ema else None,
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "selector": selector.state_dict(),
+            "best_val_probs": best_val_probs, "rng": {"torch": torch.get_rng_state()}}
+
+
+def restore_training_state(saved, path, model, ema, optimizer, scheduler, scaler, selector):
+    """Put last.pt's training state back; returns the best epoch's val probabilities.
+
+    A last.pt of format 1 (older scheduler, no `training` entry) is refused in one line: it
+    still evaluates and transfers, but cannot continue.
+    """
+    if saved.get("format") != FORMAT or "training" not in saved:
+        raise UserError(f"--resume: {path} was written by an earlier version ({saved.get('format')}); it still "
+                        f"evaluates and transfers, but cannot be resumed: start a new --out")
+    state = saved["training"]
+    model.load_state_dict(state["raw_state_dict"])
+    if ema:
+        ema.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["scaler"]:  # empty when saved by a disabled (non-CUDA or non-AMP) scaler
+        scaler.load_state_dict(state["scaler"])
+    selector.load_state_dict(state["selector"])
+    torch.set_rng_state(state["rng"]["torch"])
+    return state["best_val_probs"]
+
+
+def without_training_state(checkpoint):
+    """A checkpoint as OUT/model.pt holds it: the weights and their description, no resume state."""
+    return {k: v for k, v in checkpoint.items() if k not in TRAINING_KEYS}
+
+
+def _arg(name):
+    return lambda run: (run.get("args") or {}).get(name)
+
+
+def _lineage(name):
+    return lambda run: (run.get("lineage") or {}).get(name)
+
+
+# Settings a resumed run must share with the run it continues: each shapes the network, the data,
+# the weights, the per-step learning rate or the image sizes, so a change would silently make a
+# run that neither setting describes. One line per flag: (flag, its value in a checkpoint or a
+# new run's description). Left out on purpose, free to change on resume: --patience,
+# --eval-every, --select, --amp, --device, --channels-last, --compile, --sync-bn.
+RESUME_MUST_MATCH = (
+    ("--model", lambda run: run.get("model")),
+    ("--stem", lambda run: run.get("stem")),
+    ("--image-size", lambda run: run.get("image_size")),
+    ("--task", lambda run: run.get("task")),
+    ("--data", lambda run: data_location(_arg("data")(run))),
+    ("--source", _lineage("source_sha256")),
+    ("--freeze", _lineage("frozen_stages")),
+    ("--epochs", _arg("epochs")),
+    ("--batch-size", _arg("batch_size")),
+    ("--min-size", _arg("min_size")),
+    ("--warmup-epochs", _arg("warmup_epochs")),
+    ("--scheduler", _arg("scheduler")),
+    ("--step-size", _arg("step_size")),
+    ("--gamma", _arg("gamma")),
+    ("--optimizer", _arg("optimizer")),
+    ("--lr", _arg("lr")),
+    ("--lr-backbone", _arg("lr_backbone")),
+    ("--weight-decay", _arg("weight_decay")),
+    ("--label-smoothing", _arg("label_smoothing")),
+    ("--augment", _arg("augment")),
+    ("--ema", _arg("ema")),
+    ("--select-metric", _arg("select_metric")),
+    ("--seed", _arg("seed")),
+)
+# A transferred run takes these from its --source checkpoint: there they are --source's to answer for.
+FROM_SOURCE = {"--model": "--source", "--stem": "--source", "--image-size": "--source"}
+# How the old value is shown, where the compared value is not what the user typed.
+SHOWN = {"--data": _arg("data"), "--source": _lineage("source")}
 
 
 def resume_mismatches(saved, describe):
     """The flags whose values differ between the run in `saved` (last.pt) and this command line.
 
-    describe is the new run's checkpoint description. A transferred run takes its model and
-    image size from --source, so there those are --source's to answer for.
-    """
+    describe is the new run's checkpoint description (with its args)."""
     transferred = "lineage" in describe
-    saved_lineage, lineage = saved.get("lineage") or {}, describe.get("lineage") or {}
-    checks = [
-        ("--source" if transferred else "--model", saved.get("model"), describe.get("model")),
-        ("--task", saved.get("task"), describe.get("task")),
-        ("--data", _data_location(saved.get("args", {}).get("data")), _data_location(describe["args"].get("data"))),
-        ("--source" if transferred else "--image-size", saved.get("image_size"), describe.get("image_size")),
-        ("--source", saved_lineage.get("source_sha256"), lineage.get("source_sha256")),
-        ("--freeze", saved_lineage.get("frozen_stages"), lineage.get("frozen_stages")),
-    ]
-    flags = list(dict.fromkeys(flag for flag, old, new in checks if old != new))
+    flags = [FROM_SOURCE.get(flag, flag) if transferred else flag
+             for flag, value in RESUME_MUST_MATCH if value(saved) != value(describe)]
+    flags = list(dict.fromkeys(flags))
     # Another task has other classes anyway; the same task and folder with other classes
     # means the data changed under the run.
     if not {"--task", "--data"} & set(flags) and list(saved.get("classes", [])) != list(describe["classes"]):
@@ -103,10 +182,7 @@ def check_resume(saved, describe, path):
     """Refuse to continue a run under different settings, in one line naming the flags."""
     flags = resume_mismatches(saved, describe)
     if flags:
-        was = {"--model": saved.get("model"), "--task": saved.get("task"),
-               "--data": saved.get("args", {}).get("data"), "--image-size": saved.get("image_size"),
-               "--source": (saved.get("lineage") or {}).get("source"),
-               "--freeze": (saved.get("lineage") or {}).get("frozen_stages")}
+        values = dict(RESUME_MUST_MATCH) | SHOWN
+        had = " ".join(f"{flag} {values[flag](saved)}" for flag in flags)
         raise UserError(f"--resume: {path} belongs to a run with different {', '.join(flags)} "
-                        f"(it had {' '.join(f'{flag} {was[flag]}' for flag in flags)}); "
-                        "resume with the same settings, or start a new --out")
+                        f"(it had {had}); resume with the same settings, or start a new --out")

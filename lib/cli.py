@@ -74,6 +74,11 @@ def add_data_args(parser, image_size=True, data_required=True):
     return group
 
 
+def data_name(data, task):
+    """--data and --task as the first line of a run names them (ImageFolder data has no task)."""
+    return f"{data}, task {task}" if task else str(data)
+
+
 def add_run_args(parser, out_help, seed_help="seed for weights, shuffling and augmentation"):
     group = parser.add_argument_group("run")
     group.add_argument("--out", required=True, help=out_help)
@@ -106,10 +111,16 @@ def add_training_args(parser, defaults):
     group.add_argument("--augment", choices=list(PRESETS), default=defaults.augment,
                        help="augmentation preset, from none to strong")
     group.add_argument("--patience", type=positive_int, default=defaults.patience,
-                       help="stop after this many epochs without a better validation score")
+                       help="stop after this many epochs without a better validation score, once the learning "
+                            "rate is down to a quarter of its peak (or falls no further)")
     group.add_argument("--ema", type=unit_interval, default=defaults.ema,
-                       help="decay of an exponential moving average of the weights, updated every step, "
-                            "which is validated and saved as best.pt; 0 turns it off")
+                       help="decay of an exponential moving average of the weights, updated every step "
+                            "(bias-corrected: no warm-up needed), which is what is validated and saved; 0 turns it off")
+    group.add_argument("--select", choices=["best", "last"], default=defaults.select,
+                       help="which epoch OUT/model.pt holds: the best by --select-metric (best.pt's), or the last")
+    group.add_argument("--select-metric", choices=["accuracy", "balanced_accuracy", "auroc", "loss"],
+                       default=defaults.select_metric,
+                       help="the val metric that ranks epochs for best.pt, --select best and early stopping")
     group.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,
                        help="validate every this many epochs (and after the last one)")
     group.add_argument("--min-size", type=non_negative_int, default=defaults.min_size,

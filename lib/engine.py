@@ -1,84 +1,36 @@
-"""The one training loop (train.py and transfer.py) and batched prediction.
+"""The one training loop (train.py, transfer.py and crossval.py) and batched prediction.
 
 Splits live in memory as uint8 tensors; each step indexes a batch, augments it as a whole and
 normalises it with the checkpoint's mean/std. Every epoch writes OUT/last.pt (everything needed
-to resume exactly: weights, optimizer, scheduler, gradient scaler, random states, history) and
-OUT/best.pt when the validation score improves. The score is validation accuracy, ties broken by
-AUROC, then by lower loss, always computed in float32 (mixed precision is for training only), so
-evaluate.py reproduces the numbers best.pt was chosen on. Early stopping ends training after
-`patience` epochs without improvement.
+to resume exactly: lib.checkpoint.training_state) and OUT/best.pt when the validation score
+improves; the end of training writes OUT/model.pt, the checkpoint the run recommends. Which
+epoch is best, which one model.pt holds and when to stop early is lib.selection's policy.
+Validation always runs in float32 (mixed precision is for training only), so evaluate.py
+reproduces the numbers best.pt was chosen on. The recipe (config, schedules, weight average,
+precision) is lib.recipe.
 """
+import copy
 import math
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim.swa_utils import AveragedModel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from lib import distributed, flops
+from lib import distributed, flops, selection
 from lib.augment import augment_batch, normalize
-from lib.checkpoint import FORMAT, check_resume, load_checkpoint, save_checkpoint
+from lib.checkpoint import (FORMAT, check_resume, load_checkpoint, restore_training_state, save_checkpoint,
+                            training_state, without_training_state)
 from lib.errors import UserError
 from lib.files import write_csv
 from lib.metrics import epoch_metrics
 from lib.models import fixed_input_size
-
-
-@dataclass
-class TrainConfig:
-    """A training recipe; the defaults are train.py's (see README: the fast recipe and why)."""
-    epochs: int = 20
-    batch_size: int = 64
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    lr_backbone: float | None = None
-    weight_decay: float = 0.05
-    scheduler: str = "cosine"
-    step_size: int = 10
-    gamma: float = 0.1
-    label_smoothing: float = 0.1
-    augment: str = "standard"
-    patience: int = 10
-    warmup_epochs: float = 1.0
-    ema: float = 0.99
-    eval_every: int = 2
-    min_size: int = 32
-    amp: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    sync_bn: bool = False
-
-
-def autocast(device, enabled):
-    """bfloat16 on CPU (fast on CPUs with AMX/AVX512-BF16), float16 on CUDA."""
-    if not enabled:
-        return nullcontext()
-    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype)
-
-
-def amp_helps(device):
-    """Whether mixed precision pays on this device (measured: 2.5x for resnet18 on AMX CPUs)."""
-    if device.type == "cuda":
-        return True
-    return torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
-
-
-def resolve_amp(choice, device):
-    """--amp on|off|auto as a bool; auto means on where mixed precision pays."""
-    return choice == "on" or (choice == "auto" and amp_helps(device))
-
-
-def make_scaler(device, amp):
-    """float16 on CUDA needs loss scaling; bfloat16 and float32 do not (a disabled scaler)."""
-    return torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+from lib.recipe import autocast, make_ema, make_optimizer, make_scaler, make_scheduler, train_size
 
 
 @torch.no_grad()
@@ -99,55 +51,6 @@ def predict_probs(model, images, mean, std, device, batch_size=256, tta=False):
     return torch.cat(out) if out else torch.empty(0)
 
 
-def make_optimizer(param_groups, name, lr, weight_decay):
-    if name == "adam":
-        return torch.optim.Adam(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "adamw":
-        return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay)
-    if name == "sgd":
-        return torch.optim.SGD(param_groups, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    raise UserError(f"--optimizer {name}: choose adam, adamw or sgd")
-
-
-def lr_factor(t, name, epochs, step_size, gamma, warmup_epochs):
-    """The learning-rate multiplier after t epochs (a float: the schedule moves every step)."""
-    if name == "step":
-        factor = gamma ** math.floor(t / step_size)
-    elif name == "cosine":
-        factor = 0.5 * (1 + math.cos(math.pi * min(t / epochs, 1)))
-    elif name == "linear":
-        factor = max(1 - t / epochs, 0.0)
-    elif name == "none":
-        factor = 1.0
-    else:
-        raise UserError(f"--scheduler {name}: choose step, cosine, linear or none")
-    if warmup_epochs and t < warmup_epochs:
-        factor *= (t + 1e-3) / warmup_epochs
-    return factor
-
-
-def make_scheduler(optimizer, config, steps_per_epoch):
-    """Stepped after every batch, so short runs and warm-up get a smooth schedule."""
-    lr_factor(0, config.scheduler, config.epochs, config.step_size, config.gamma, 0)  # name check
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step / steps_per_epoch, config.scheduler, config.epochs, config.step_size, config.gamma,
-        config.warmup_epochs))
-
-
-def train_size(epoch, epochs, min_size, image_size):
-    """Progressive resizing: the side trained on in `epoch`, growing linearly from min_size to
-    image_size over the first three quarters of the epochs (multiples of 8), then full size."""
-    if not min_size or min_size >= image_size:
-        return image_size
-    ramp = max(round(0.75 * epochs) - 1, 1)
-    side = min_size + (image_size - min_size) * min((epoch - 1) / ramp, 1)
-    return min(image_size, int(round(side / 8) * 8))
-
-
-def _score(metrics):
-    return (metrics["val_accuracy"], metrics["val_auroc"], -metrics["val_loss"])
-
-
 def check_splits(train, val):
     """Training needs images of every class; validation needs two classes (AUROC, selection)."""
     if train.labels is None or val.labels is None:
@@ -160,11 +63,6 @@ def check_splits(train, val):
     if found < 2:
         raise UserError(f"the val split needs labelled images of at least two classes "
                         f"(AUROC and model selection), found {len(val)} image(s) of {found} class")
-
-
-def validated(history):
-    """The rows of epochs that were validated (with --eval-every, not all are)."""
-    return [row for row in history if row.get("val_loss") is not None]
 
 
 def convert_sync_bn(model, frozen_modules):
@@ -185,11 +83,6 @@ def set_train_mode(net, frozen_modules):
     net.train()
     for module in frozen_modules:
         module.eval()
-
-
-def best_epoch(history):
-    """The history row with the best validation score (the one best.pt holds)."""
-    return max(validated(history), key=_score)
 
 
 def cost_summary(history):
@@ -217,24 +110,6 @@ def _epoch_batches(split, seed, epoch, batch_size):
     return batches
 
 
-def make_ema(model, decay):
-    """The exponential moving average of `model`'s weights and BatchNorm statistics, or None (decay 0)."""
-    return AveragedModel(model, multi_avg_fn=_ema_update(decay), use_buffers=True) if decay else None
-
-
-def _ema_update(decay):
-    """AveragedModel's update with a warm-up: the decay grows towards `decay` as (1 + n) / (10 + n),
-    so the average is not dominated by the random initial weights in a short run."""
-    @torch.no_grad()
-    def update(averaged, current, n_averaged):
-        step_decay = min(decay, (1 + float(n_averaged)) / (10 + float(n_averaged)))
-        if averaged[0].is_floating_point():
-            torch._foreach_lerp_(averaged, current, 1 - step_decay)
-        else:  # BatchNorm's step counters
-            torch._foreach_copy_(averaged, current)
-    return update
-
-
 class ComputeCounter:
     """FLOPs of a run: training images forward and backward at each epoch's size, validation
     images forward, each size counted once (lib.flops)."""
@@ -249,24 +124,71 @@ class ComputeCounter:
         return train_images * self.train_per_image[size] + val_images * self.eval_per_image
 
 
+def _forward_error(model, frozen_modules, batch, size, train):
+    """The first line of the error a forward pass of zeros raises on a scratch copy, or None."""
+    names = {id(module): name for name, module in model.named_modules()}
+    scratch = copy.deepcopy(model).cpu().float()
+    if train:
+        set_train_mode(scratch, [scratch.get_submodule(names[id(module)]) for module in frozen_modules])
+    else:
+        scratch.eval()
+    try:
+        with torch.no_grad():
+            scratch(torch.zeros(batch, 3, size, size))
+    except (RuntimeError, ValueError) as error:
+        return str(error).strip().splitlines()[0]
+    return None
+
+
+def check_input_sizes(model, frozen_modules, name, config, image_size, smallest_batch):
+    """Refuse, before training, what the network cannot run: a forward pass on a scratch copy
+    at the image size (eval), at the smallest progressive-resizing size (training, 2 images)
+    and with the smallest batch (training: BatchNorm needs more than one value per channel).
+    The smallest workable --min-size is found the same way, so no per-model table is needed."""
+    smallest = train_size(1, config.epochs, config.min_size, image_size)
+    error = _forward_error(model, frozen_modules, 1, image_size, train=False)
+    if error:
+        raise UserError(f"--image-size {image_size}: too small for {name} ({error})")
+    error = _forward_error(model, frozen_modules, 2, smallest, train=True)
+    if error and smallest < image_size:
+        works = next((size for size in range(smallest + 1, image_size)
+                      if not _forward_error(model, frozen_modules, 2, size, train=True)), image_size)
+        raise UserError(f"--min-size {config.min_size}: {name} cannot train on {smallest} px images ({error}); "
+                        f"use --min-size {works} or more, or 0 (no progressive resizing)")
+    if error:
+        raise UserError(f"--image-size {image_size}: {name} cannot train at this size ({error})")
+    error = smallest_batch < 2 and _forward_error(model, frozen_modules, smallest_batch, smallest, train=True)
+    if error:
+        per_process = f" ({smallest_batch} per process)" if distributed.world_size() > 1 else ""
+        raise UserError(f"--batch-size {config.batch_size}: {name} cannot train on batches of one image{per_process} "
+                        f"at {smallest} px, its BatchNorm would see one value per channel ({error}); use "
+                        f"--batch-size {2 * distributed.world_size()} or more")
+
+
 def fit(model, train, val, *, describe, config, out, device, seed, param_groups=None,
-        frozen_modules=(), resume=False):
+        frozen_modules=(), resume=False, monitor=None):
     """Train `model` on the `train` Split, select on `val`, and write checkpoints into `out`.
 
     describe: the self-describing part of every checkpoint (model, classes, image size,
     mean/std, args, lineage). param_groups: optimizer groups (default: all trainable
     parameters). frozen_modules stay in eval mode so their BatchNorm statistics do not move.
     With config.ema the exponential moving average of the weights is what is validated and
-    saved as best.pt. Returns the history, a list of per-epoch metric dicts.
+    saved. monitor(epoch, model), if given, is called on the main process after every
+    validated epoch with the validated weights (crossval.py predicts its held-out fold there;
+    nothing it does feeds back into training). Writes best.pt, last.pt, metrics.csv and, at
+    the end, model.pt (lib.selection). Returns the history, a list of per-epoch metric dicts.
     """
     out = Path(out)
     mean, std, image_size = describe["mean"], describe["std"], train.images.shape[-1]
     check_splits(train, val)
+    selection.check_choice(config.select, config.select_metric)
     if config.min_size and fixed_input_size(describe.get("model", "")):
         config = replace(config, min_size=0)
         if distributed.is_main():
             print(f"note: {describe['model']} takes {image_size} px inputs only, so every epoch trains at "
                   f"{image_size} px (--min-size is for models that pool globally)")
+    check_input_sizes(model, frozen_modules, describe.get("model", "the model"), config, image_size,
+                      min(len(batch) for batch in _epoch_batches(train, seed, 1, config.batch_size)))
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -278,22 +200,19 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     ema = make_ema(model, config.ema)
     evaluated = ema.module if ema else model
     compute = ComputeCounter(model, len(train.classes), image_size)
-    history, best, start_epoch, stale = [], None, 1, 0
+    selector = selection.Selector(config.select_metric, config.patience, config)
+    history, start_epoch, best_probs, last_probs = [], 1, None, None
     if resume:
-        state = load_checkpoint(out / "last.pt")
-        check_resume(state, describe, out / "last.pt")
-        model.load_state_dict(state.get("raw_state_dict", state["state_dict"]))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema:
-            ema.load_state_dict(state["ema"])
-        if state.get("scaler"):  # empty when saved by a disabled (non-CUDA or non-AMP) scaler
-            scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        history, best, stale = state["history"], state["best_score"], state["stale_epochs"]
-        start_epoch = state["epoch"] + 1
+        saved = load_checkpoint(out / "last.pt")
+        check_resume(saved, describe, out / "last.pt")
+        best_probs = restore_training_state(saved, out / "last.pt", model, ema, optimizer, scheduler, scaler,
+                                            selector)
+        history, start_epoch = saved["history"], saved["epoch"] + 1
         if distributed.is_main():
-            print(f"resuming {out / 'last.pt'} after epoch {state['epoch']}")
+            print(f"resuming {out / 'last.pt'} after epoch {saved['epoch']}")
+    note = selection.balance_note(val.labels, len(val.classes), config.select_metric)
+    if note and distributed.is_main():
+        print(note)
     net = model
     if distributed.world_size() > 1:
         if config.sync_bn and device.type != "cuda":
@@ -310,10 +229,10 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
         # smaller batch and eval mode cost no recompilation.
         net = torch.compile(net)
 
-    saved = start_epoch - 1
+    saved_epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, config.epochs + 1):
-            if best is not None and stale >= config.patience:
+            if epoch > 1 and selector.stops_after(epoch - 1):
                 break
             started = time.perf_counter()
             size = train_size(epoch, config.epochs, config.min_size, image_size)
@@ -323,14 +242,14 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             distributed.average_buffers(model)
             if ema:
                 distributed.average_buffers(ema.module)
-            validate = epoch % config.eval_every == 0 or epoch == config.epochs
+            # Also the epoch early stopping would end the run after, so the run ends validated.
+            validate = epoch % config.eval_every == 0 or epoch == config.epochs or selector.stops_after(epoch)
             if validate:
                 val_probs = distributed.gather_in_order(
-                    predict_probs(evaluated, distributed.shard(val.images), mean, std, device),
-                    len(val))
-                val_stats = epoch_metrics(val.labels, val_probs)
+                    predict_probs(evaluated, distributed.shard(val.images), mean, std, device), len(val))
+                val_stats, last_probs = epoch_metrics(val.labels, val_probs), val_probs
             else:
-                val_stats = {"loss": None, "accuracy": None, "auroc": None}
+                val_stats = {key: None for key in train_stats}
             tflop = compute.epoch(sum(len(b) for b in batches) * distributed.world_size(), size,
                                   len(val) if validate else 0) / 1e12
             row = {"epoch": epoch, "size": size, **{f"train_{k}": v for k, v in train_stats.items()},
@@ -339,29 +258,25 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                    "total_tflop": tflop + (history[-1]["total_tflop"] if history else 0.0)}
             history.append(row)
             # Every process computes the same row from the same gathered numbers, so the
-            # best/stale bookkeeping and the early-stopping decision agree without a broadcast.
-            improved = validate and (best is None or _score(row) > tuple(best))
+            # selection and the early-stopping decision agree without a broadcast.
+            improved = validate and selector.update(row)
             if improved:
-                best, stale = list(_score(row)), 0
-            elif validate:
-                stale += config.eval_every
+                best_probs = val_probs
             if distributed.is_main():
                 checkpoint = {"format": FORMAT, **describe, "epoch": epoch, "metrics": row,
                               "state_dict": evaluated.state_dict()}
                 if improved:
                     save_checkpoint(checkpoint, out / "best.pt")
                 # state_dict is always the validated weights (the average, with --ema); the
-                # weights being trained travel beside it for --resume.
-                save_checkpoint({**checkpoint, **({"raw_state_dict": model.state_dict(), "ema": ema.state_dict()}
-                                                  if ema else {}),
-                                 "optimizer": optimizer.state_dict(),
-                                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                                 "history": history,
-                                 "best_score": best, "stale_epochs": stale,
-                                 "rng": {"torch": torch.get_rng_state()}},
+                # weights being trained travel in the training state for --resume.
+                save_checkpoint({**checkpoint, "history": history,
+                                 "training": training_state(model, ema, optimizer, scheduler, scaler, selector,
+                                                            best_probs)},
                                 out / "last.pt")
                 write_csv(history, out / "metrics.csv")
-                saved = epoch
+                saved_epoch = epoch
+                if validate and monitor:
+                    monitor(epoch, evaluated)
                 scores = (f"val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f} "
                           f"auroc {row['val_auroc']:.4f}" if validate else "(not validated)")
                 print(f"epoch {epoch:3d}/{config.epochs}  {size}px  train loss {row['train_loss']:.3f} "
@@ -370,10 +285,28 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     except KeyboardInterrupt:
         # last.pt holds the last finished epoch (saved atomically), from which --resume is exact.
         if distributed.is_main():
-            kept = f"{out / 'last.pt'} holds epoch {saved}" if saved else "no epoch finished"
+            kept = f"{out / 'last.pt'} holds epoch {saved_epoch}" if saved_epoch else "no epoch finished"
             print(f"interrupted: {kept}; continue with --resume", file=sys.stderr)
         raise
+    if distributed.is_main():
+        if history[-1]["epoch"] < config.epochs:
+            print(f"early stopping after epoch {history[-1]['epoch']}: {config.patience} epochs without a better "
+                  f"val {config.select_metric} (best: epoch {selector.best_epoch})")
+        note = last_probs is not None and selection.ranking_note(
+            val.labels, selector.best_epoch, best_probs, history[-1]["epoch"], last_probs, config.select_metric)
+        if note:
+            print(note)
+        write_recommended(out, config)
     return history
+
+
+def write_recommended(out, config):
+    """OUT/model.pt: the checkpoint --select chose (best.pt's or last.pt's epoch), without the
+    training state; what later steps (evaluate, explain, export, transfer) should use."""
+    chosen = load_checkpoint(out / ("best.pt" if config.select == "best" else "last.pt"))
+    save_checkpoint({**without_training_state(chosen),
+                     "selection": {"select": config.select, "metric": config.select_metric, "epoch": chosen["epoch"]}},
+                    out / "model.pt")
 
 
 def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, config, optimizer, scheduler, scaler,
@@ -415,10 +348,3 @@ def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, con
     # Plain cross-entropy of the augmented batches (of all processes), comparable with the validation loss.
     stats = epoch_metrics(distributed.gather_all(torch.cat(labels)), distributed.gather_all(torch.cat(probs)))
     return stats, sum(rates) / len(rates)
-
-
-def config_from_args(args, device):
-    """The TrainConfig of parsed arguments (train.py and transfer.py), --amp auto resolved for `device`."""
-    fields = {k: getattr(args, k) for k in asdict(TrainConfig()) if hasattr(args, k)}
-    fields["amp"] = resolve_amp(args.amp, device)
-    return TrainConfig(**fields)

@@ -14,6 +14,22 @@ from torch.utils.flop_counter import FlopCounterMode
 _BATCH = 2  # BatchNorm in training mode needs more than one image
 
 
+def _plain_copy(model):
+    """A CPU float32 copy to count on, with any SyncBatchNorm (torchrun --sync-bn) turned back
+    into BatchNorm2d: SyncBatchNorm cannot run on CPU inside a process group, and both count
+    the same (element-wise work is not counted)."""
+    scratch = copy.deepcopy(model).cpu().float()
+    for name, module in list(scratch.named_modules()):
+        if isinstance(module, torch.nn.SyncBatchNorm):
+            plain = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                         module.track_running_stats)
+            plain.load_state_dict(module.state_dict())
+            for copied, original in zip(plain.parameters(), module.parameters()):
+                copied.requires_grad_(original.requires_grad)
+            scratch.set_submodule(name, plain.train(module.training))
+    return scratch
+
+
 def _count(run):
     with FlopCounterMode(display=False) as counter:
         run()
@@ -23,7 +39,7 @@ def _count(run):
 def training_flops(model, image_size, num_classes):
     """FLOPs of one training image: forward and backward as the model is set up (frozen
     stages at the input side need no backward, so they cost a forward only)."""
-    scratch = copy.deepcopy(model).cpu().float().train()
+    scratch = _plain_copy(model).train()
     x = torch.zeros(_BATCH, 3, image_size, image_size)
     y = torch.zeros(_BATCH, dtype=torch.int64) % num_classes
     return _count(lambda: F.cross_entropy(scratch(x), y).backward())
@@ -31,7 +47,7 @@ def training_flops(model, image_size, num_classes):
 
 def inference_flops(model, image_size):
     """FLOPs of classifying one image (eval mode, forward only)."""
-    scratch = copy.deepcopy(model).cpu().float().eval()
+    scratch = _plain_copy(model).eval()
     x = torch.zeros(_BATCH, 3, image_size, image_size)
     with torch.no_grad():
         return _count(lambda: scratch(x))

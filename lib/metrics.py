@@ -4,6 +4,8 @@ Binary tasks report the AUROC of class 1; multi-class tasks the macro one-vs-res
 classes present (and one-vs-one in the full report when every class is). scikit-learn does the
 arithmetic; the report names the estimator it used.
 """
+import warnings
+
 import numpy as np
 from sklearn import metrics as skm
 
@@ -48,12 +50,21 @@ def auroc_estimator(labels, classes):
             f"(absent: {', '.join(absent)})")
 
 
+def balanced_accuracy(labels, predicted):
+    """Mean recall over the classes that have images (scikit-learn's balanced accuracy, without
+    its warning when a prediction names a class the split lacks)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return float(skm.balanced_accuracy_score(labels, predicted))
+
+
 def epoch_metrics(labels, probs):
     """The few numbers logged every epoch."""
     labels, probs = _as_numpy(labels, probs)
     return {"loss": log_loss(labels, probs),
             "accuracy": float((probs.argmax(1) == labels).mean()),
-            "auroc": auroc(labels, probs)}
+            "auroc": auroc(labels, probs),
+            "balanced_accuracy": balanced_accuracy(labels, probs.argmax(1))}
 
 
 def full_report(labels, probs, classes):

@@ -15,7 +15,7 @@ import torch
 
 from lib import cli
 from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
-from lib.engine import TrainConfig
+from lib.recipe import TrainConfig
 from lib.errors import UserError
 from lib.files import write_csv
 from lib.models import HEAD, MODELS, replace_head, resolve_stem, stage_count, stages

@@ -7,6 +7,7 @@ forward), so only a BatchNorm model can show that every shard was evaluated with
 checkpoint's weights. The validation split has an odd number of images, so the shards differ
 in size and any padding or repeat would change the metrics.
 """
+import copy
 import csv
 import math
 import os
@@ -21,10 +22,11 @@ from lib import distributed
 from lib.checkpoint import load_checkpoint, model_from_checkpoint
 from lib.data import Split, load_split
 from lib.demo import CSV_COLUMNS, CSV_NAME
-from lib.engine import TrainConfig, convert_sync_bn, fit, predict_probs, set_train_mode
+from lib.engine import ComputeCounter, convert_sync_bn, fit, predict_probs, set_train_mode
 from lib.errors import UserError
 from lib.metrics import epoch_metrics
 from lib.models import build_model
+from lib.recipe import TrainConfig
 from lib.transfer import freeze_stages
 
 OUTPUTS = {"best.pt", "last.pt", "metrics.csv", "curves.png"}
@@ -196,6 +198,31 @@ def test_sync_bn_keeps_frozen_batchnorm_frozen():
     after = dict(net.named_buffers())
     for name, value in before.items():
         assert torch.equal(value, after[name]) == name.startswith(("bn1.", "layer1.")), name
+
+
+@pytest.fixture
+def process_group_of_one(tmp_path):
+    """A gloo process group of this process alone: inside a process group SyncBatchNorm refuses
+    CPU tensors in training mode, as it does under torchrun."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_flops_of_a_sync_bn_model_are_counted_as_the_plain_model(process_group_of_one):
+    """fit counts FLOPs on the model it was given, which --sync-bn converts in place under
+    torchrun; the count must run (on CPU) and equal the plain model's."""
+    torch.manual_seed(0)
+    model = build_model("resnet18", 2, 32)
+    frozen = freeze_stages(model, "resnet18", 1)
+    plain = ComputeCounter(copy.deepcopy(model), 2, 32)
+    counter = ComputeCounter(model, 2, 32)
+    converted, _ = convert_sync_bn(model, frozen)
+    assert converted is model and isinstance(model.layer1[0].bn1, torch.nn.SyncBatchNorm)
+    with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+        converted.train()(torch.zeros(2, 3, 16, 16))  # what FLOP counting ran into before
+    assert counter.epoch(10, 16, 5) == plain.epoch(10, 16, 5) > 0
+    assert counter.epoch(10, 32, 0) == plain.epoch(10, 32, 0)
 
 
 def test_sync_bn_on_cpu_is_a_clear_error(monkeypatch, tmp_path):

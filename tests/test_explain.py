@@ -118,6 +118,21 @@ def test_sanity_check_tells_learnt_maps_from_maps_that_only_show_the_image(quadr
     assert same["pearson_mean"] == pytest.approx(1) and same["spearman_mean"] == pytest.approx(1), same
 
 
+@pytest.mark.parametrize("name, stem, layer", [("resnet18", "stock", "layer3"), ("fastnet", "standard", "layer2")])
+def test_sanity_check_rebuilds_the_checkpoints_own_network(demo_data, name, stem, layer):
+    """The re-initialised copy is the checkpoint's architecture with its stem: a model that is
+    itself freshly initialised (seed 0) must correlate fully with the copy (seed 0). A 64 px
+    ResNet without its stem entry would be rebuilt without the max-pool: another network."""
+    torch.manual_seed(0)
+    model = build_model(name, 2, 64, stem)
+    checkpoint = {"model": name, "stem": stem, "classes": ["0", "1"], "image_size": 64, "mean": [0.5] * 3,
+                  "std": [0.25] * 3}
+    images, targets = load_split(demo_data, "val", "target").images[:4], torch.tensor([0, 1, 0, 1])
+    maps = cam.compute_heatmaps(model, images, [0.5] * 3, [0.25] * 3, CPU, "gradcam", [layer], targets)
+    same = cam.sanity_check(checkpoint, maps, images, targets, "gradcam", [layer], CPU, seed=0)
+    assert same["undefined"] < len(images) and same["pearson_mean"] == pytest.approx(1), same
+
+
 def test_attention_regions_on_known_maps():
     maps = np.zeros((3, 12, 12), dtype=np.float32)
     maps[0, :3] = 1          # all in the top third (rows 0-3), none in the central rows 3-8

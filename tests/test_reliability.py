@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO, SCRIPT_ENV, float32_args, run_main, run_script
+from lib.checkpoint import FORMAT, load_checkpoint, without_training_state
 from lib.cli import prepare_out_dir
 from lib.demo import CSV_COLUMNS
 from lib.files import atomic_write, remove_stale_temporaries
@@ -121,6 +122,29 @@ def test_invalid_option_values(demo_data, tmp_path, flag, value):
     result = run_main("train.py", "--data", demo_data, "--task", "target", "--out", tmp_path / "o", flag, value,
                       check=False)
     assert_clean_error(result, flag)
+
+
+@pytest.mark.parametrize("args, culprits", [
+    # fastnet's last max-pool has nothing left to pool below 15 px (found by a trial forward pass).
+    (["--min-size", "11"], ["--min-size 11", "fastnet", "11 px", "use --min-size 15 or more"]),
+    (["--min-size", "4"], ["--min-size 4", "4 px", "use --min-size 15 or more"]),
+    # At 16 px fastnet's last BatchNorm sees a 1x1 map: one value per channel for one image.
+    (["--min-size", "16", "--batch-size", "1"], ["--batch-size 1", "one value per channel", "--batch-size 2"]),
+    (["--model", "resnet18", "--stem", "stock", "--image-size", "32", "--min-size", "0", "--batch-size", "1"],
+     ["--batch-size 1", "resnet18"]),
+    (["--image-size", "8", "--min-size", "0"], ["--image-size 8", "too small for fastnet"]),
+])
+def test_settings_the_network_cannot_train_with_are_refused_before_training(demo_data, tmp_path, args, culprits):
+    result = run_main("train.py", "--data", demo_data, "--task", "target", "--epochs", "2", *args,
+                      "--out", tmp_path / "o", check=False)
+    assert_clean_error(result, *culprits)
+    assert not list((tmp_path / "o").iterdir()), "nothing written"
+
+
+def test_batches_of_one_train_where_batchnorm_sees_more_than_one_value(demo_data, tmp_path):
+    # fastnet at 32 px still has a 2x2 map at its last BatchNorm: batches of one image can train.
+    result = train(demo_data, tmp_path / "o", "--model", "fastnet", "--batch-size", "1", "--min-size", "32")
+    assert result.returncode == 0, result.stderr
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -233,10 +257,15 @@ WITH_DEFAULT_SIGINT = ["-c", "import os, signal, sys; signal.signal(signal.SIGIN
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(demo_data, tmp_path_factory):
+def uninterrupted_run(demo_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     run_script("train.py", "--data", demo_data, *INTERRUPTED, "--out", out, "--overwrite")
-    return torch.load(out / "last.pt", weights_only=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(uninterrupted_run):
+    return torch.load(uninterrupted_run / "last.pt", weights_only=True)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
@@ -259,29 +288,68 @@ def test_interrupted_run_resumes_to_the_same_weights(demo_data, tmp_path, uninte
     run_script("train.py", "--data", demo_data, *INTERRUPTED, "--out", out, "--resume")
     resumed = torch.load(out / "last.pt", weights_only=True)
     assert resumed["epoch"] == 3
-    for weights in ("state_dict", "raw_state_dict"):  # the average and the weights it averages
-        for name, tensor in uninterrupted[weights].items():
-            assert torch.equal(tensor, resumed[weights][name]), f"{weights} {name}"
+    for name, tensor in uninterrupted["state_dict"].items():  # the average
+        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    for name, tensor in uninterrupted["training"]["raw_state_dict"].items():  # the weights it averages
+        assert torch.equal(tensor, resumed["training"]["raw_state_dict"][name]), name
     assert [r["val_loss"] for r in resumed["history"]] == [r["val_loss"] for r in uninterrupted["history"]]
     assert [r["size"] for r in resumed["history"]] == [16, 32, 32] and resumed["history"][0]["val_loss"] is None
 
 
-def test_resume_with_other_settings_is_refused_in_one_line(source_run, demo_data, tmp_path):
+def test_resume_with_other_settings_is_refused_in_one_line(source_run, uninterrupted_run, demo_data, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(source_run / "last.pt", out / "last.pt")
     before = (out / "last.pt").read_bytes()
     result = run_main("train.py", "--data", demo_data, "--task", "target", "--model", "resnet18",
                       "--image-size", "32", "--out", out, "--resume", check=False)
-    assert_clean_error(result, "--resume", "last.pt", "--model, --task, --image-size", "--model cnn3")
+    assert_clean_error(result, "--resume", "last.pt", "--model, --stem, --image-size, --task", "--model cnn3")
     assert "--data" not in result.stderr, "the data folder is the same"
     assert (out / "last.pt").read_bytes() == before
     # The same flags on another copy of the data: only --data is named.
     other = copy_dataset(demo_data, tmp_path / "other", task="source")
-    result = run_main("train.py", "--data", other, "--task", "source", "--model", "cnn3", "--out", out, "--resume",
-                      check=False)
+    result = run_main("train.py", "--data", other, "--task", "source", "--model", "cnn3", "--epochs", "3",
+                      "--out", out, "--resume", check=False)
     assert_clean_error(result, "different --data (it had --data ")
     assert (out / "last.pt").read_bytes() == before
+    # Whatever moves the network, the per-step schedule, the sizes or the weight average, one flag each:
+    # a resnet18 run (no max-pool) resumed with the stock stem, without the average, ...
+    shutil.copy(uninterrupted_run / "last.pt", out / "last.pt")
+    for changed, had in [(["--stem", "stock"], "--stem no-maxpool"), (["--ema", "0"], "--ema 0.99"),
+                         (["--batch-size", "16"], "--batch-size 32"), (["--epochs", "4"], "--epochs 3"),
+                         (["--min-size", "0"], "--min-size 16"), (["--warmup-epochs", "0"], "--warmup-epochs 1.0"),
+                         (["--lr", "1e-3"], "--lr 0.002"), (["--scheduler", "linear"], "--scheduler cosine"),
+                         (["--select-metric", "loss"], "--select-metric accuracy"), (["--seed", "1"], "--seed 0")]:
+        flag = changed[0]
+        result = run_main("train.py", "--data", demo_data, *INTERRUPTED, *changed, "--out", out, "--resume",
+                          check=False)
+        assert_clean_error(result, f"belongs to a run with different {flag} (it had {had})")
+    # ... and what may change: patience, validation interval, --select.
+    result = run_main("train.py", "--data", demo_data, *INTERRUPTED, "--patience", "2", "--eval-every", "1",
+                      "--select", "last", "--out", out, "--resume")
+    assert "resuming" in result.stdout and load_checkpoint(out / "model.pt")["selection"]["select"] == "last"
+
+
+def test_checkpoints_of_the_previous_format_evaluate_and_transfer_but_do_not_resume(source_run, demo_data, tmp_path):
+    # What the previous release wrote: format 1, optimizer/scheduler state of CosineAnnealingLR
+    # and the averaged weights' keys at the top level, no `training` entry.
+    current = load_checkpoint(source_run / "last.pt")
+    old = {**without_training_state(current), "format": "landmark-classification/1", "history": current["history"],
+           "optimizer": current["training"]["optimizer"], "scheduler": {"T_max": 3, "last_epoch": 3},
+           "best_score": [0.5, 0.5, -1.0], "stale_epochs": 0, "rng": current["training"]["rng"]}
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save(old, out / "last.pt")
+    result = run_main("train.py", "--data", demo_data, "--task", "source", "--model", "cnn3", "--epochs", "3",
+                      "--out", out, "--resume", check=False)
+    assert_clean_error(result, "--resume", "last.pt", "earlier version", "landmark-classification/1")
+    torch.save({k: v for k, v in old.items() if k not in ("optimizer", "scheduler", "history", "best_score",
+                                                           "stale_epochs", "rng")}, tmp_path / "best.pt")
+    run_main("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--data", demo_data, "--task", "source",
+             "--split", "val", "--out", tmp_path / "eval")
+    run_main("transfer.py", "--source", tmp_path / "best.pt", "--data", demo_data, "--task", "target",
+             "--epochs", "1", "--out", tmp_path / "target")
+    assert load_checkpoint(tmp_path / "target" / "model.pt")["format"] == FORMAT
 
 
 def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(tmp_path):

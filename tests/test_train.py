@@ -14,11 +14,12 @@ from lib import engine
 from lib.checkpoint import load_checkpoint
 from lib.data import Split, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES
-from lib.engine import TrainConfig, fit, lr_factor
+from lib.engine import fit
 from lib.errors import UserError
 from lib.evaluation import load_predictor
 from lib.metrics import epoch_metrics
 from lib.models import CNN3_MIN_SIZE, build_model
+from lib.recipe import TrainConfig, lr_factor
 
 
 def test_training_beats_chance_and_writes_everything(demo_data, tmp_path):
@@ -122,8 +123,10 @@ def test_train_runs_on_imagefolder_layout(demo_data, tmp_path):
             folder = data / split / part.classes[label]
             folder.mkdir(parents=True, exist_ok=True)
             shutil.copy(demo_data / "images" / name, folder / name)
-    run_script("train.py", "--data", data, "--model", "cnn3", "--epochs", "1", "--out", tmp_path / "run")
+    result = run_script("train.py", "--data", data, "--model", "cnn3", "--epochs", "1", "--out", tmp_path / "run")
     assert load_checkpoint(tmp_path / "run" / "best.pt")["classes"] == sorted(TARGET_CLASSES)
+    first = result.stdout.splitlines()[0]
+    assert first.startswith(f"cnn3 on {data}: 80 train / 60 val images"), "ImageFolder data has no task: name the folder"
 
 
 def test_bad_data_gives_one_line_error(tmp_path):
@@ -161,21 +164,44 @@ def _describe(size=32):
             "std": [0.25] * 3, "args": {"data": "tiny"}}
 
 
-def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path, monkeypatch):
-    # Validation that never improves after the first epoch: training must stop after
-    # 1 + patience epochs, not run the 10 asked for, and a resume must not train on.
+def _fit_without_improvement(out, monkeypatch, resume=False, **recipe):
+    """A run whose validation never improves after its first validated epoch."""
     monkeypatch.setattr(engine, "predict_probs", lambda model, images, *a, **k: torch.full((len(images), 2), 0.5))
     split = _tiny_split()
-    config = TrainConfig(epochs=10, batch_size=4, patience=2, augment="none", eval_every=1, ema=0.0)
     torch.manual_seed(0)
-    history = fit(build_model("cnn3", 2, 32), split, split, describe=_describe(), config=config, out=tmp_path,
-                  device=torch.device("cpu"), seed=0)
-    assert [row["epoch"] for row in history] == [1, 2, 3]
-    last = load_checkpoint(tmp_path / "last.pt")
-    assert last["epoch"] == 3 and last["stale_epochs"] == 2 and load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
-    resumed = fit(build_model("cnn3", 2, 32), split, split, describe=_describe(), config=config, out=tmp_path,
-                  device=torch.device("cpu"), seed=0, resume=True)
-    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    fit(build_model("cnn3", 2, 32), split, split, describe=_describe(), out=out, device=torch.device("cpu"), seed=0,
+        config=TrainConfig(batch_size=4, augment="none", ema=0.0, **recipe), resume=resume)
+    return load_checkpoint(out / "last.pt")
+
+
+@pytest.mark.parametrize("eval_every, validated", [(1, [1, 2, 3, 4]), (2, [2, 4, 5])])
+def test_early_stopping_counts_epochs_without_improvement(tmp_path, monkeypatch, eval_every, validated):
+    # --patience 3 counts epochs, whatever --eval-every: the first validated epoch stays the best,
+    # so the run ends 3 epochs after it, and that last epoch is validated too (with --eval-every 2:
+    # after epoch 5, not 6). A constant learning rate falls no further, so stopping is allowed.
+    last = _fit_without_improvement(tmp_path, monkeypatch, epochs=10, patience=3, scheduler="none",
+                                    eval_every=eval_every, warmup_epochs=0)
+    history = last["history"]
+    assert [row["epoch"] for row in history] == list(range(1, validated[0] + 4))
+    assert [row["epoch"] for row in history if row["val_loss"] is not None] == validated
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == validated[0]
+    assert load_checkpoint(tmp_path / "model.pt")["epoch"] == validated[0]
+    resumed = _fit_without_improvement(tmp_path, monkeypatch, resume=True, epochs=10, patience=3, scheduler="none",
+                                       eval_every=eval_every, warmup_epochs=0)
+    assert resumed["history"] == history, "a resumed run that had stopped must not train on"
+
+
+def test_early_stopping_waits_for_the_learning_rate_to_fall(tmp_path, monkeypatch):
+    # Cosine over 10 epochs: the rate is still 35% of its peak after epoch 6 and 21% after
+    # epoch 7, so patience 2 ends the run after epoch 7 (not 3); --select last ships epoch 7.
+    last = _fit_without_improvement(tmp_path, monkeypatch, epochs=10, patience=2, eval_every=1, select="last")
+    assert [row["epoch"] for row in last["history"]] == list(range(1, 8))
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
+    model = load_checkpoint(tmp_path / "model.pt")
+    assert model["epoch"] == 7 and model["selection"] == {"select": "last", "metric": "accuracy", "epoch": 7}
+    assert "training" not in model and "history" not in model, "model.pt holds no training state"
+    for key, tensor in last["state_dict"].items():
+        assert torch.equal(model["state_dict"][key], tensor), key
 
 
 def test_gradient_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
@@ -193,12 +219,12 @@ def test_gradient_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
             device=torch.device("cpu"), seed=0, resume=resume)
         return load_checkpoint(out / "last.pt")
 
-    assert run(tmp_path / "a", 1)["scaler"]["scale"] == 2.0 ** 12
-    resumed = run(tmp_path / "a", 2, resume=True)
-    uninterrupted = run(tmp_path / "b", 2)
+    assert run(tmp_path / "a", 1)["training"]["scaler"]["scale"] == 2.0 ** 12
+    resumed = run(tmp_path / "a", 2, resume=True)["training"]
+    uninterrupted = run(tmp_path / "b", 2)["training"]
     assert resumed["scaler"] == uninterrupted["scaler"] and resumed["scaler"]["scale"] == 2.0 ** 14
-    for name, tensor in uninterrupted["state_dict"].items():
-        assert torch.equal(tensor, resumed["state_dict"][name]), name
+    for name, tensor in uninterrupted["raw_state_dict"].items():
+        assert torch.equal(tensor, resumed["raw_state_dict"][name]), name
 
 
 def test_validation_is_float32_so_evaluation_reproduces_best_pt(demo_data, tmp_path):

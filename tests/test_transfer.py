@@ -57,7 +57,7 @@ def test_frozen_stages_and_their_batchnorm_stats_do_not_move(demo_data, tmp_path
     assert target["classes"] == TARGET_CLASSES and target["model"] == "resnet18"
     assert target["lineage"]["source_sha256"] == file_hash(tmp_path / "source.pt")
     assert target["lineage"]["frozen_stages"] == 2 and target["lineage"]["source"].endswith("source.pt")
-    groups = target["optimizer"]["param_groups"]
+    groups = target["training"]["optimizer"]["param_groups"]
     assert [g["initial_lr"] for g in groups] == [1e-3, 1e-2], "--lr-backbone for the backbone, --lr for the head"
 
 

@@ -1,0 +1,157 @@
+"""Checkpoint selection: which epoch a run recommends, and when it may stop early.
+
+- best.pt is the best validated epoch by --select-metric (loss, accuracy, auroc or
+  balanced_accuracy; ties broken by the others: accuracy, then AUROC, then lower loss).
+- OUT/model.pt is the checkpoint the run recommends: best.pt's epoch with --select best, the
+  last epoch with --select last (what a long schedule ends on once its learning rate has
+  annealed: on a small val split, "best" is decided by one or two images).
+- Early stopping ends a run after --patience epochs (counted in epochs, whatever
+  --eval-every is) without a better validation score, but only once the learning rate has
+  fallen to at most STOP_BELOW_PEAK of its peak, or will fall no further: a small val split
+  would otherwise end a schedule while its learning rate is still high, before the annealing
+  that gives the best weights.
+
+The same Selector decides online (lib.engine.fit) and afterwards, replayed over a saved
+history (replay, used by crossval.py to score several rules from one training run per fold):
+the weights of epoch e do not depend on whether training would have stopped later.
+"""
+import numpy as np
+
+from lib.errors import UserError
+from lib.metrics import auroc, balanced_accuracy, log_loss
+from lib.recipe import config_lr_factor
+
+SELECTS = ("best", "last")
+# +1: higher is better. The order is the tie-break order after the chosen metric.
+METRICS = {"accuracy": 1, "auroc": 1, "loss": -1, "balanced_accuracy": 1}
+STOP_BELOW_PEAK = 0.25
+# A val split whose largest class has more than this many times the images of its smallest is
+# "unbalanced": accuracy then ranks epochs mostly by the large classes.
+UNBALANCED_RATIO = 1.5
+N_RESAMPLES = 200  # paired bootstrap of the note on ranking (AUROC is computed per resample)
+
+
+def check_choice(select, metric):
+    if select not in SELECTS:
+        raise UserError(f"--select {select}: choose {' or '.join(SELECTS)}")
+    if metric not in METRICS:
+        raise UserError(f"--select-metric {metric}: choose {', '.join(METRICS)}")
+
+
+def score(row, metric):
+    """The sort key of a validated history row: higher is better."""
+    order = [metric] + [m for m in METRICS if m != metric]
+    return tuple(METRICS[m] * row[f"val_{m}"] for m in order if row.get(f"val_{m}") is not None)
+
+
+def stop_allowed(epoch, config):
+    """Whether early stopping may end the run after `epoch`: the learning rate has fallen to
+    STOP_BELOW_PEAK of its peak, or stays where it is for the rest of the run."""
+    grid = [config_lr_factor(t, config) for t in range(config.epochs + 1)]
+    now = config_lr_factor(epoch, config)
+    return now <= STOP_BELOW_PEAK * max(grid) or min(grid[epoch:]) >= now
+
+
+class Selector:
+    """The best epoch so far by `metric`, and the early-stopping decision.
+
+    patience None never stops; stop_below_peak False stops on patience alone (the rule before
+    the learning-rate condition, kept to be scored by cross-validation).
+    """
+
+    def __init__(self, metric, patience, config, stop_below_peak=True):
+        self.metric, self.patience, self.config, self.stop_below_peak = metric, patience, config, stop_below_peak
+        self.best_key, self.best_epoch = None, None
+
+    def update(self, row):
+        """Take a validated row; True when it is the best so far."""
+        key = score(row, self.metric)
+        if self.best_key is None or key > tuple(self.best_key):
+            self.best_key, self.best_epoch = list(key), row["epoch"]
+            return True
+        return False
+
+    def stops_after(self, epoch):
+        """Whether the run ends after `epoch` unless that epoch is the best so far."""
+        if self.patience is None or self.best_epoch is None or epoch - self.best_epoch < self.patience:
+            return False
+        return not self.stop_below_peak or stop_allowed(epoch, self.config)
+
+    def state_dict(self):
+        return {"best_key": self.best_key, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state):
+        self.best_key, self.best_epoch = state["best_key"], state["best_epoch"]
+
+
+def replay(history, config, select, metric, patience, stop_below_peak=True):
+    """(chosen epoch, last epoch trained) of a rule, replayed over a saved history whose every
+    epoch ran (patience None in the run): the epoch the rule would have shipped, had the run
+    used it, and where it would have stopped."""
+    selector = Selector(metric, patience, config, stop_below_peak)
+    last = None
+    for row in history:
+        last = row["epoch"]
+        if row.get("val_loss") is not None:
+            selector.update(row)
+        if selector.stops_after(last):
+            break
+    return (selector.best_epoch if select == "best" else last), last
+
+
+def chosen_row(history, config):
+    """The history row of the epoch OUT/model.pt holds (the run's own rule, as fit ran it)."""
+    epoch, _ = replay(history, config, config.select, config.select_metric, None)
+    return next(row for row in history if row["epoch"] == epoch)
+
+
+def metric_of(labels, probs, metric):
+    """One selection metric of numpy labels (N,) and probabilities (N, C)."""
+    if metric == "loss":
+        return log_loss(labels, probs)
+    if metric == "accuracy":
+        return float((probs.argmax(1) == labels).mean())
+    if metric == "balanced_accuracy":
+        return balanced_accuracy(labels, probs.argmax(1))
+    return auroc(labels, probs)
+
+
+def paired_difference(labels, probs_a, probs_b, metric, n_resamples=N_RESAMPLES, seed=0, level=0.95):
+    """metric(a) - metric(b) on the same images, and its percentile interval over paired
+    bootstrap resamples (the same resampled images score both). Resamples that lose a class
+    are left out, as in lib.metrics.bootstrap_ci, so each is the same estimator."""
+    labels, probs_a, probs_b = np.asarray(labels), np.asarray(probs_a, dtype=np.float64), np.asarray(probs_b, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    present = len(np.unique(labels))
+    differences = []
+    for _ in range(n_resamples):
+        idx = rng.integers(0, len(labels), len(labels))
+        if len(np.unique(labels[idx])) == present:
+            differences.append(metric_of(labels[idx], probs_a[idx], metric) -
+                               metric_of(labels[idx], probs_b[idx], metric))
+    tail = (1 - level) / 2 * 100
+    low, high = np.percentile(differences, [tail, 100 - tail]) if differences else (np.nan, np.nan)
+    return metric_of(labels, probs_a, metric) - metric_of(labels, probs_b, metric), float(low), float(high)
+
+
+def ranking_note(labels, best_epoch, best_probs, last_epoch, last_probs, metric):
+    """One log line on whether val can tell the best epoch from the last one, or None when they
+    are the same epoch."""
+    if best_epoch == last_epoch:
+        return None
+    difference, low, high = paired_difference(labels, best_probs, last_probs, metric)
+    verdict = ("val is too small to rank them: the interval holds 0, so prefer the last epoch (--select last)"
+               if low <= 0 <= high else "val tells them apart")
+    return (f"note: best epoch {best_epoch} against the last, {last_epoch}: val {metric} differs by "
+            f"{difference:+.4f} (95% paired-bootstrap interval {low:+.4f} to {high:+.4f}, {len(labels)} "
+            f"images); {verdict}")
+
+
+def balance_note(labels, num_classes, metric):
+    """A log line when accuracy selects on an unbalanced val split, else None."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes)
+    present = counts[counts > 0]
+    if metric != "accuracy" or present.max() <= UNBALANCED_RATIO * present.min():
+        return None
+    return (f"note: the val split is unbalanced (class sizes {present.min()} to {present.max()}): accuracy ranks "
+            f"epochs mostly by the large classes; --select-metric balanced_accuracy or auroc weighs every class alike")
