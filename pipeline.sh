@@ -22,9 +22,9 @@ step() {
 }
 
 step train.py --data "$data" --task source --amp "$amp" --out "$out/source"
-step transfer.py --source "$out/source/best.pt" --data "$data" --task target --amp "$amp" --out "$out/target"
-step evaluate.py --checkpoint "$out/target/best.pt" --data "$data" --task target --split val --out "$out/target/eval"
-step explain.py --checkpoint "$out/target/best.pt" --data "$data" --task target --split val --out "$out/target/cam"
-step export.py --checkpoint "$out/target/best.pt" --out "$out/target/model.onnx" --quantize int8
+step transfer.py --source "$out/source/model.pt" --data "$data" --task target --amp "$amp" --out "$out/target"
+step evaluate.py --checkpoint "$out/target/model.pt" --data "$data" --task target --split val --out "$out/target/eval"
+step explain.py --checkpoint "$out/target/model.pt" --data "$data" --task target --split val --out "$out/target/cam"
+step export.py --checkpoint "$out/target/model.pt" --out "$out/target/model.onnx" --quantize int8
 step evaluate.py --checkpoint "$out/target/model.int8.onnx" --data "$data" --task target --split val --out "$out/target/eval-int8"
 echo "done in $SECONDS s: $out"

@@ -52,8 +52,8 @@ def main(args):
     val = load_split(args.data, "val", args.task, source["image_size"], args.skip_bad_images)
     config = config_from_args(args, device)
     if distributed.is_main():
-        print(f"{model_name} from {args.source} to {cli.data_name(args.data, args.task)}: {len(train)} train / {len(val)} val "
-              f"images, {len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")
+        print(f"{model_name} from {args.source} to {cli.data_name(args.data, args.task)}: {len(train)} train / "
+              f"{len(val)} val images, {len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")
     rows, histories = [], {}
     for k, label, (run_dir, resume) in zip(freezes, labels, run_dirs):
         model, frozen = transfer.build_target(source, args.source, len(train.classes), k, args.seed)

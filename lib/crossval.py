@@ -14,7 +14,9 @@ later; `ensemble` scores the mean probabilities of several runs (seeds) the same
 With --inner-val 0 (plain k-fold) each fold trains on all its training images, validates on the
 held-out part, and only the last epoch is scored (any other rule would choose on held-out images).
 """
+import pickle
 import statistics
+import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
@@ -138,7 +140,7 @@ def load_record(path):
     """A fold's record; anything else is a UserError naming the file."""
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file is the same one-line refusal
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise UserError(f"{path}: not a readable cross-validation record ({str(error).splitlines()[0]})") from None
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise UserError(f"{path}: not a {RECORD_FORMAT} record")

@@ -187,15 +187,15 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
         if distributed.is_main():
             print(f"note: {describe['model']} takes {image_size} px inputs only, so every epoch trains at "
                   f"{image_size} px (--min-size is for models that pool globally)")
+    first_batches = _epoch_batches(train, seed, 1, config.batch_size)
     check_input_sizes(model, frozen_modules, describe.get("model", "the model"), config, image_size,
-                      min(len(batch) for batch in _epoch_batches(train, seed, 1, config.batch_size)))
+                      min(len(batch) for batch in first_batches))
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     groups = param_groups or [{"params": [p for p in model.parameters() if p.requires_grad]}]
     optimizer = make_optimizer(groups, config.optimizer, config.lr, config.weight_decay)
-    steps_per_epoch = len(_epoch_batches(train, seed, 1, config.batch_size))
-    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch=len(first_batches))
     scaler = make_scaler(device, config.amp)
     ema = make_ema(model, config.ema)
     evaluated = ema.module if ema else model

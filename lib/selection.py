@@ -120,7 +120,8 @@ def paired_difference(labels, probs_a, probs_b, metric, n_resamples=N_RESAMPLES,
     """metric(a) - metric(b) on the same images, and its percentile interval over paired
     bootstrap resamples (the same resampled images score both). Resamples that lose a class
     are left out, as in lib.metrics.bootstrap_ci, so each is the same estimator."""
-    labels, probs_a, probs_b = np.asarray(labels), np.asarray(probs_a, dtype=np.float64), np.asarray(probs_b, dtype=np.float64)
+    labels = np.asarray(labels)
+    probs_a, probs_b = np.asarray(probs_a, dtype=np.float64), np.asarray(probs_b, dtype=np.float64)
     rng = np.random.default_rng(seed)
     present = len(np.unique(labels))
     differences = []

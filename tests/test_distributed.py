@@ -29,7 +29,7 @@ from lib.models import build_model
 from lib.recipe import TrainConfig
 from lib.transfer import freeze_stages
 
-OUTPUTS = {"best.pt", "last.pt", "metrics.csv", "curves.png"}
+OUTPUTS = {"model.pt", "best.pt", "last.pt", "metrics.csv", "curves.png"}
 
 
 def torchrun(script, *args):

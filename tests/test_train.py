@@ -20,13 +20,14 @@ from lib.evaluation import load_predictor
 from lib.metrics import epoch_metrics
 from lib.models import CNN3_MIN_SIZE, build_model
 from lib.recipe import TrainConfig, lr_factor
+from lib.selection import balance_note, paired_difference, ranking_note
 
 
 def test_training_beats_chance_and_writes_everything(demo_data, tmp_path):
     out = tmp_path / "run"
     run_script("train.py", "--data", demo_data, "--task", "target", "--model", "cnn3",
                "--epochs", "8", "--lr", "3e-3", "--augment", "light", "--out", out)
-    for name in ("best.pt", "last.pt", "metrics.csv", "curves.png"):
+    for name in ("model.pt", "best.pt", "last.pt", "metrics.csv", "curves.png"):
         assert (out / name).is_file(), name
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
@@ -250,3 +251,28 @@ def test_divergence_is_a_one_line_error(tmp_path):
         fit(build_model("cnn3", 2, 32), _tiny_split(), _tiny_split(), describe=_describe(),
             config=TrainConfig(epochs=1, batch_size=4, optimizer="sgd", lr=1e30, augment="none"),
             out=tmp_path, device=torch.device("cpu"), seed=0)
+
+
+def test_log_says_when_val_is_too_small_to_rank_epochs():
+    # 20 val images; the best epoch is right on one more image than the last: a paired bootstrap
+    # over the same images cannot tell them apart. On 200 images, 40 more right ones can.
+    def probs(right, n):
+        labels = np.arange(n) % 2
+        predicted = np.where(np.arange(n) < right, labels, 1 - labels)
+        return labels, np.eye(2)[predicted] * 0.8 + 0.1
+
+    labels, last = probs(15, 20)
+    _, best = probs(16, 20)
+    difference, low, high = paired_difference(labels, best, last, "accuracy")
+    assert difference == pytest.approx(0.05) and low <= 0 <= high
+    assert "too small to rank them" in ranking_note(labels, 4, best, 6, last, "accuracy")
+    labels, last = probs(120, 200)
+    _, best = probs(160, 200)
+    assert "tells them apart" in ranking_note(labels, 4, best, 6, last, "accuracy")
+    assert ranking_note(labels, 6, best, 6, best, "accuracy") is None
+
+
+def test_log_says_when_accuracy_selects_on_an_unbalanced_val_split():
+    assert "unbalanced (class sizes 10 to 30)" in balance_note(torch.tensor([0] * 30 + [1] * 10), 2, "accuracy")
+    assert balance_note(torch.tensor([0] * 30 + [1] * 10), 2, "balanced_accuracy") is None
+    assert balance_note(torch.tensor([0] * 12 + [1] * 10), 2, "accuracy") is None
