@@ -19,7 +19,9 @@ import torch
 from conftest import REPO, SCRIPT_ENV, float32_args, run_main, run_script
 from lib.checkpoint import FORMAT, load_checkpoint, without_training_state
 from lib.cli import prepare_out_dir
+from lib.data import load_split
 from lib.demo import CSV_COLUMNS
+from lib.evaluation import load_predictor
 from lib.files import atomic_write, remove_stale_temporaries
 
 
@@ -143,7 +145,8 @@ def test_settings_the_network_cannot_train_with_are_refused_before_training(demo
 
 def test_batches_of_one_train_where_batchnorm_sees_more_than_one_value(demo_data, tmp_path):
     # fastnet at 32 px still has a 2x2 map at its last BatchNorm: batches of one image can train.
-    result = train(demo_data, tmp_path / "o", "--model", "fastnet", "--batch-size", "1", "--min-size", "32")
+    result = train(demo_data, tmp_path / "o", "--model", "fastnet", "--batch-size", "1", "--image-size", "32",
+                   "--min-size", "0")
     assert result.returncode == 0, result.stderr
 
 
@@ -330,7 +333,7 @@ def test_resume_with_other_settings_is_refused_in_one_line(source_run, uninterru
     assert "resuming" in result.stdout and load_checkpoint(out / "model.pt")["selection"]["select"] == "last"
 
 
-def test_checkpoints_of_the_previous_format_evaluate_and_transfer_but_do_not_resume(source_run, demo_data, tmp_path):
+def test_checkpoints_of_the_previous_format_predict_and_transfer_but_do_not_resume(source_run, demo_data, tmp_path):
     # What the previous release wrote: format 1, optimizer/scheduler state of CosineAnnealingLR
     # and the averaged weights' keys at the top level, no `training` entry.
     current = load_checkpoint(source_run / "last.pt")
@@ -345,8 +348,8 @@ def test_checkpoints_of_the_previous_format_evaluate_and_transfer_but_do_not_res
     assert_clean_error(result, "--resume", "last.pt", "earlier version", "landmark-classification/1")
     torch.save({k: v for k, v in old.items() if k not in ("optimizer", "scheduler", "history", "best_score",
                                                            "stale_epochs", "rng")}, tmp_path / "best.pt")
-    run_main("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--data", demo_data, "--task", "source",
-             "--split", "val", "--out", tmp_path / "eval")
+    val = load_split(demo_data, "val", "source")
+    assert load_predictor(tmp_path / "best.pt", torch.device("cpu")).predict(val.images).shape == (len(val), 8)
     run_main("transfer.py", "--source", tmp_path / "best.pt", "--data", demo_data, "--task", "target",
              "--epochs", "1", "--out", tmp_path / "target")
     assert load_checkpoint(tmp_path / "target" / "model.pt")["format"] == FORMAT

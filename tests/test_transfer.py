@@ -84,17 +84,20 @@ def test_freeze_sweep_writes_table_and_plot(demo_data, source_run, tmp_path):
     refused = run_main("transfer.py", "--source", source_run / "best.pt", "--data", demo_data,
                        "--task", "target", "--freeze", "0", "all", "--out", out, check=False)
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
-    # --resume continues a sweep: freeze-0 from its last.pt, freeze-all (removed here, as if
-    # it had never started) from scratch; the table is rewritten from both.
+    # --resume continues a sweep: freeze-0 from its last.pt (finished: nothing more to train),
+    # freeze-all (removed here, as if it had never started) from scratch; the table is
+    # rewritten from both. More epochs would move the learning-rate schedule: refused.
     earlier = load_checkpoint(out / "freeze-0" / "last.pt")["history"]
     shutil.rmtree(out / "freeze-all")
+    longer = run_main("transfer.py", "--source", source_run / "best.pt", "--data", demo_data, "--task", "target",
+                      "--freeze", "0", "all", "--epochs", "3", "--out", out, "--resume", check=False)
+    assert longer.returncode == 2 and "different --epochs (it had --epochs 2)" in longer.stderr
     resumed = run_script("transfer.py", "--source", source_run / "best.pt", "--data", demo_data,
-                         "--task", "target", "--freeze", "0", "all", "--epochs", "3", "--out", out, "--resume")
+                         "--task", "target", "--freeze", "0", "all", "--epochs", "2", "--out", out, "--resume")
     assert resumed.stdout.count("resuming") == 1 and "freeze-0" in resumed.stdout
-    continued = load_checkpoint(out / "freeze-0" / "last.pt")["history"]
-    assert [r["epoch"] for r in continued] == [1, 2, 3] and continued[:2] == earlier
-    assert [r["epoch"] for r in load_checkpoint(out / "freeze-all" / "last.pt")["history"]] == [1, 2, 3]
-    assert [int(r["epochs"]) for r in csv.DictReader(open(out / "sweep.csv"))] == [3, 3]
+    assert load_checkpoint(out / "freeze-0" / "last.pt")["history"] == earlier
+    assert [r["epoch"] for r in load_checkpoint(out / "freeze-all" / "last.pt")["history"]] == [1, 2]
+    assert [int(r["epochs"]) for r in csv.DictReader(open(out / "sweep.csv"))] == [2, 2]
 
 
 def test_too_many_frozen_stages_is_a_one_line_error(demo_data, source_run, tmp_path):
