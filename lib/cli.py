@@ -99,8 +99,9 @@ def add_training_args(parser, defaults):
     group.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=defaults.optimizer)
     group.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate")
     group.add_argument("--weight-decay", type=non_negative_float, default=defaults.weight_decay)
-    group.add_argument("--scheduler", choices=["step", "cosine", "linear", "none"], default=defaults.scheduler,
-                       help="learning-rate schedule over the epochs (updated every step)")
+    group.add_argument("--scheduler", choices=["step", "cosine", "linear", "onecycle", "none"], default=defaults.scheduler,
+                       help="learning-rate schedule over the epochs (updated every step); onecycle is "
+                            "torch's OneCycleLR (30%% rising from lr/25, then down), with its own warm-up")
     group.add_argument("--warmup-epochs", type=non_negative_float, default=defaults.warmup_epochs,
                        help="ramp the learning rate up linearly over this many epochs first")
     group.add_argument("--step-size", type=positive_int, default=defaults.step_size,

@@ -91,13 +91,29 @@ def lr_factor(t, name, epochs, step_size, gamma, warmup_epochs):
         factor = 0.5 * (1 + math.cos(math.pi * min(t / epochs, 1)))
     elif name == "linear":
         factor = max(1 - t / epochs, 0.0)
+    elif name == "onecycle":
+        factor = _one_cycle(t / epochs)
     elif name == "none":
         factor = 1.0
     else:
-        raise UserError(f"--scheduler {name}: choose step, cosine, linear or none")
+        raise UserError(f"--scheduler {name}: choose step, cosine, linear, onecycle or none")
     if warmup_epochs and t < warmup_epochs:
         factor *= (t + 1e-3) / warmup_epochs
     return factor
+
+
+# torch.optim.lr_scheduler.OneCycleLR's defaults: 30% of the run rising from lr/25, then down to
+# lr/(25 * 1e4), both halves cosine-shaped (Smith & Topin 2017, "Super-convergence").
+ONE_CYCLE_RISE, ONE_CYCLE_START, ONE_CYCLE_END = 0.3, 1 / 25, 1 / 25e4
+
+
+def _one_cycle(progress):
+    """OneCycleLR's multiplier at `progress` (0..1) of the run, as a pure function."""
+    if progress < ONE_CYCLE_RISE:
+        low, high, phase = ONE_CYCLE_START, 1.0, progress / ONE_CYCLE_RISE
+    else:
+        low, high, phase = 1.0, ONE_CYCLE_END, min((progress - ONE_CYCLE_RISE) / (1 - ONE_CYCLE_RISE), 1.0)
+    return high + (low - high) * 0.5 * (1 + math.cos(math.pi * phase))
 
 
 def config_lr_factor(t, config):

@@ -31,6 +31,20 @@ def test_learning_rate_schedules_warm_up_and_decay():
     assert ramp == sorted(ramp) and ramp[0] < 0.01 and ramp[4:] == [1.0] * 4
 
 
+def test_onecycle_follows_torch_one_cycle_lr():
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    steps = 200
+    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=steps + 1)
+    for step in range(steps + 1):
+        # OneCycleLR discretises the run into steps; ours is continuous in epochs.
+        assert lr_factor(step / steps * 10, "onecycle", 10, 3, 0.1, 0) == pytest.approx(
+            optimizer.param_groups[0]["lr"], abs=2e-3)
+        optimizer.step()
+        if step < steps:
+            reference.step()
+
+
 def test_progressive_resizing_grows_to_full_size_and_augment_resizes():
     sizes = [train_size(epoch, 12, 32, 64) for epoch in range(1, 13)]
     assert sizes[0] == 32 and sizes[-4:] == [64] * 4 and sizes == sorted(sizes)
