@@ -73,8 +73,8 @@ class Gate:
         if len(np.unique(labels)) < 2:
             return figures, failures
         change = paired_auroc_difference(labels, float_probs, int8_probs, self.n_resamples, self.seed, self.level)
-        figures.update(auroc_loss=change["difference"], auroc_loss_interval=change["interval"],
-                       auroc_resamples_used=change["n_resamples_used"])
+        figures.update(auroc_fp32=change["auroc_a"], auroc_int8=change["auroc_b"], auroc_loss=change["difference"],
+                       auroc_loss_interval=change["interval"], auroc_resamples_used=change["n_resamples_used"])
         low = change["interval"][0] if change["interval"] else 0.0
         if change["difference"] > self.max_auroc_loss and low > 0:
             failures.append(f"AUROC loss {change['difference']:.4f} > {self.max_auroc_loss:g} (--max-auroc-loss), "
@@ -83,23 +83,23 @@ class Gate:
 
 
 def describe(verdict):
-    """The verdict as lines for people: what was measured, against what."""
+    """The verdict as lines for people: each figure beside the rule it is judged by."""
     t = verdict["thresholds"]
-    confident = ("no image" if verdict["confident_agreement"] is None
-                 else f"{verdict['confident_agreement']:.4f} of the {verdict['confident_images']}")
-    lines = [f"agreement with fp32: {confident} it is confident about (top probability >= {t['confident_above']:g}; "
-             f"at least {t['min_confident_agreement']:g}), {verdict['agreement']:.4f} of all {verdict['images']} "
-             f"(max |dp| {verdict['max_abs_diff']:.3g})"]
+    confident = ("no image" if verdict["confident_agreement"] is None else
+                 f"{verdict['confident_agreement']:.4f} on the {verdict['confident_images']} images")
+    lines = [f"agreement with fp32: {confident} it gives >= {t['confident_above']:g} (fails below "
+             f"{t['min_confident_agreement']:g}); {verdict['agreement']:.4f} on all {verdict['images']}, "
+             f"max |dp| {verdict['max_abs_diff']:.3g}"]
     if not verdict["labelled"]:
-        lines.append("unlabelled images: agreement only")
-    else:
-        lines.append(f"accuracy {verdict['accuracy_fp32']:.4f} -> {verdict['accuracy_int8']:.4f} (loss "
-                     f"{verdict['accuracy_loss']:+.4f}: {verdict['only_fp32_right']} image(s) only fp32 gets right, "
-                     f"{verdict['only_int8_right']} only int8; McNemar p {verdict['mcnemar_p']:.3g}; "
-                     f"at most {t['max_accuracy_loss']:g} beyond noise)")
+        return lines + ["unlabelled images: the gate judges agreement only"]
+    lines.append(f"accuracy {verdict['accuracy_fp32']:.4f} -> {verdict['accuracy_int8']:.4f}, loss "
+                 f"{verdict['accuracy_loss']:+.4f}: {verdict['only_fp32_right']} image(s) only fp32 gets right, "
+                 f"{verdict['only_int8_right']} only int8, McNemar p {verdict['mcnemar_p']:.3g} "
+                 f"(fails if loss > {t['max_accuracy_loss']:g} and p < {1 - t['level']:.2g})")
     if "auroc_loss" in verdict:
         interval = verdict["auroc_loss_interval"]
-        spread = f"{interval[0]:+.4f} to {interval[1]:+.4f}" if interval else "none: too few images"
-        lines.append(f"AUROC loss {verdict['auroc_loss']:+.4f} ({t['level']:.0%} paired bootstrap interval "
-                     f"{spread}; at most {t['max_auroc_loss']:g} beyond noise)")
+        spread = f"{interval[0]:+.4f} to {interval[1]:+.4f}" if interval else "none (too few images)"
+        lines.append(f"AUROC {verdict['auroc_fp32']:.4f} -> {verdict['auroc_int8']:.4f}, loss "
+                     f"{verdict['auroc_loss']:+.4f}, {t['level']:.0%} paired bootstrap interval {spread} "
+                     f"(fails if loss > {t['max_auroc_loss']:g} and the interval is above 0)")
     return lines

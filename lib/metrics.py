@@ -133,12 +133,12 @@ def paired_auroc_difference(labels, probs_a, probs_b, n_resamples=1000, seed=0, 
     hard) cancels and the interval measures their difference only.
 
     Resamples that lack a class of the split are left out, as in bootstrap_ci. Returns
-    {"difference", "interval": [low, high] at `level` or None, "n_resamples_used"}.
-    Raises UserError when the split holds one class.
+    {"auroc_a", "auroc_b", "difference", "interval": [low, high] at `level` or None,
+    "n_resamples_used"}. Raises UserError when the split holds one class.
     """
     labels, probs_a = _as_numpy(labels, probs_a)
     probs_b = np.asarray(probs_b, dtype=np.float64)
-    difference = auroc(labels, probs_a) - auroc(labels, probs_b)
+    auroc_a, auroc_b = auroc(labels, probs_a), auroc(labels, probs_b)
     n = len(labels)
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_resamples)
     present = np.unique(labels)
@@ -152,7 +152,7 @@ def paired_auroc_difference(labels, probs_a, probs_b, n_resamples=1000, seed=0, 
     every_class = np.all([counts[:, labels == c].sum(1) > 0 for c in present], axis=0)
     used = differences[every_class]
     tail = (1 - level) / 2 * 100
-    return {"difference": difference,
+    return {"auroc_a": auroc_a, "auroc_b": auroc_b, "difference": auroc_a - auroc_b,
             "interval": [float(v) for v in np.percentile(used, [tail, 100 - tail])] if len(used) else None,
             "n_resamples_used": int(len(used))}
 

@@ -18,14 +18,16 @@ reduce-range and per-channel quantization?"); weights are always int8, per outpu
   onnxruntime builds on ARM (session.qdqisint8allowed=1), so the gate sees ARM's arithmetic.
 
 When the gate refuses a model, more precise recipes for the same target follow, in this order
-(recipes_to_try): the calibration methods in CALIBRATION_METHODS' order, starting with the one
-asked for (minmax; percentile, which clips the 0.001% most extreme activations so the rest get
-finer steps; entropy, which chooses the range that loses least information), then the first
-method again with the first convolution and the classifier layer kept in float, the layers
-whose rounding errors reach the output least diluted. The target's types (activations,
-reduce_range) never change: they decide what is correct on the device, which a gate run on
-this machine cannot see (a model without reduce_range may saturate on an x86 CPU without VNNI
-that this one's VNNI hides).
+(recipes_to_try): the calibration asked for (default minmax); the other of minmax and
+percentile (percentile clips the 0.001% most extreme activations so the rest get finer
+steps); the first calibration with the first convolution and the classifier layer kept in
+float, the layers whose rounding reaches the output least diluted (a little slower on the
+device); last, entropy calibration (the range that loses least information, as TensorRT's),
+last because onnxruntime searches for it in a Python loop: seconds per activation tensor here,
+where a whole minmax model takes half a second. The target's types (activations, reduce_range)
+never change: they decide what is correct on the device, which a gate run on this machine
+cannot see (a model without reduce_range may saturate on an x86 CPU without VNNI, and this
+one's VNNI would hide it).
 """
 import contextlib
 import io
@@ -55,7 +57,7 @@ TARGETS = {"x86": Target("uint8", reduce_range=True),
            "x86-vnni": Target("uint8", reduce_range=False),
            "arm64": Target("int8", reduce_range=False, runtime_config={"session.qdqisint8allowed": "1"})}
 DEFAULT_TARGET = "x86"
-CALIBRATION_METHODS = ("minmax", "percentile", "entropy")  # also the order recipes_to_try follows
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # Only the network's own operators: Softmax and the pixel scaling before the first convolution stay float.
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Add", "GlobalAveragePool", "Flatten", "Reshape"]
 
@@ -93,9 +95,11 @@ class Recipe:
 
 
 def recipes_to_try(target, first_method="minmax"):
-    """The recipes for `target`, in the order they are tried (see the module's docstring)."""
-    methods = [first_method] + [m for m in CALIBRATION_METHODS if m != first_method]
-    return [Recipe(target, m) for m in methods] + [Recipe(target, first_method, float_ends=True)]
+    """The recipes for `target`, in the order they are tried (see the module's docstring): the
+    calibration asked for, the other fast one, the first with its end layers in float, entropy."""
+    fast = [m for m in CALIBRATION_METHODS if m not in (first_method, "entropy")]
+    recipes = [Recipe(target, m) for m in [first_method, *fast]] + [Recipe(target, first_method, float_ends=True)]
+    return recipes + ([Recipe(target, "entropy")] if first_method != "entropy" else [])
 
 
 def _end_layers(model_proto):
