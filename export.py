@@ -35,7 +35,7 @@ EXIT_CODES = f"""exit codes:
   2    bad input (file, flag, data), or the fp32 model failed verification: nothing written
   {INT8_REFUSED}    the fp32 model (and --optimize's) is verified and written, but the int8 gate refused
        every recipe: no .int8.onnx (an earlier one at that path is removed)
-  130  interrupted (Ctrl-C): nothing written
+  130  interrupted (Ctrl-C)
 """
 
 
@@ -70,9 +70,9 @@ def get_args_parser():
                       help="CPU the int8 model is for: x86 (any x86-64; 7-bit weights avoid saturation "
                            "without VNNI), x86-vnni (AVX512-VNNI/AVX-VNNI/AMX), arm64 (int8 activations)")
     int8.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax",
-                      help="how activation ranges are chosen from the calibration images; the first recipe "
-                           "tried, then the others in the order listed, then this one with the first and last "
-                           "layers in float")
+                      help="how activation ranges are chosen from the calibration images, in the first recipe "
+                           "tried; when the gate refuses it: the other of minmax and percentile, this one with "
+                           "the first and last layers in float, entropy")
     int8.add_argument("--calibration-images", type=cli.positive_int, default=256,
                       help="training images used to calibrate --quantize")
     gate = parser.add_argument_group("int8 gate (on the verification images; see lib/int8_gate.py)")

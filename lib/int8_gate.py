@@ -8,8 +8,9 @@ though the int8 model is neither better nor worse. So the gate judges, on the sa
   `confident_above`): int8 rounding moves a probability by a few hundredths, so one of these
   changing class means the int8 model is broken, not borderline. Raw agreement (all images)
   and the largest probability difference are reported beside it, not judged;
-- with labels, the accuracy change by McNemar's exact test on the discordant images, and the
-  AUROC change with a paired bootstrap interval (lib.metrics). Either fails the gate only when
+- with labels, the accuracy change by McNemar's exact test on the discordant images (exact at
+  any count; a bootstrap interval of a handful of discordant images is not), and the AUROC
+  change with a paired bootstrap interval (lib.metrics). Either fails the gate only when
   the int8 model is worse by more than its allowed loss AND beyond noise at `level` (two-sided:
   McNemar's p below 1 - level, the bootstrap interval of the loss above zero).
 Unlabelled images (--synthetic-verify, an unlabelled split) give agreement only; when none of
@@ -24,6 +25,7 @@ from lib.metrics import mcnemar_exact, paired_auroc_difference
 
 @dataclass(frozen=True)
 class Gate:
+    """The gate's thresholds (export.py's flags, whose defaults these are); judge() applies them."""
     min_confident_agreement: float = 0.99
     confident_above: float = 0.8     # float model's top probability
     max_accuracy_loss: float = 0.01  # float minus int8
@@ -85,11 +87,11 @@ class Gate:
 def describe(verdict):
     """The verdict as lines for people: each figure beside the rule it is judged by."""
     t = verdict["thresholds"]
-    confident = ("no image" if verdict["confident_agreement"] is None else
+    confident = ("none of the images" if verdict["confident_agreement"] is None else
                  f"{verdict['confident_agreement']:.4f} on the {verdict['confident_images']} images")
-    lines = [f"agreement with fp32: {confident} it gives >= {t['confident_above']:g} (fails below "
-             f"{t['min_confident_agreement']:g}); {verdict['agreement']:.4f} on all {verdict['images']}, "
-             f"max |dp| {verdict['max_abs_diff']:.3g}"]
+    lines = [f"agreement with fp32: {confident} fp32 gives a top probability >= {t['confident_above']:g} "
+             f"(fails below {t['min_confident_agreement']:g}); {verdict['agreement']:.4f} on all "
+             f"{verdict['images']}, max |dp| {verdict['max_abs_diff']:.3g}"]
     if not verdict["labelled"]:
         return lines + ["unlabelled images: the gate judges agreement only"]
     lines.append(f"accuracy {verdict['accuracy_fp32']:.4f} -> {verdict['accuracy_int8']:.4f}, loss "
