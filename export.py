@@ -22,9 +22,9 @@ from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, describe_images, export_onnx,
-                             model_metadata, optimize_for_runtime, reference_images, stamp_metadata, to_nhwc,
-                             verify)
+from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, benchmark_table, describe_images,
+                             export_onnx, model_metadata, optimize_for_runtime, reference_images, stamp_metadata,
+                             to_nhwc, verification_table, verify)
 from lib.int8_gate import Gate
 from lib.quantize import CALIBRATION_METHODS, DEFAULT_TARGET, TARGETS, calibration_set, quantize_gated, recipes_to_try
 
@@ -108,14 +108,6 @@ def planned_outputs(out, quantize, optimize):
     return outputs
 
 
-def print_verification(rows, reference):
-    print(f"{'model':<22}{'max |dp|':>10}{'agree':>8}{'accuracy':>10}{'AUROC':>8}{'dAUROC':>9}")
-    for name, row in rows.items():
-        scores = (f"{row['accuracy']:>10.4f}{row['auroc']:>8.4f}{row['auroc'] - reference['auroc']:>+9.4f}"
-                  if "accuracy" in row else "")
-        print(f"{name:<22}{row['max_abs_diff']:>10.2e}{row['class_agreement']:>8.4f}{scores}")
-
-
 def main(args):
     outputs = planned_outputs(args.out, args.quantize, args.optimize)
     existing = [str(p) for p in outputs.values() if p.exists()]
@@ -146,7 +138,7 @@ def main(args):
         print(f"verifying on {describe_images(source)} against PyTorch (tolerance {args.tolerance:g} on probabilities)")
         models = {name: (OnnxClassifier(path), True) for name, path in staged.items() if name != "int8"}
         rows, probs = verify(network, checkpoint, models, images, labels, BIG_BATCH, args.tolerance)
-        print_verification(rows, rows["pytorch"])
+        print(verification_table(rows))
         failed = {name: row for name, row in rows.items() if row.get("within_tolerance") is False}
         if failed:
             worst = ", ".join(f"{name}: max |dp| {row['max_abs_diff']:.3g}, classes agree on "
@@ -165,15 +157,17 @@ def main(args):
                 del staged["int8"]
         for name, path in staged.items():
             os.replace(path, outputs[name])
+    refused = args.quantize and "int8" not in staged
+    stale = refused and outputs["int8"].exists()
+    if stale:  # an earlier run's int8 model beside the new fp32 one would pass for its quantized version
+        outputs["int8"].unlink()
     for name in staged:
         print(f"{name}: {outputs[name]} ({outputs[name].stat().st_size / 1e6:.2f} MB)")
     if args.benchmark:
-        print_benchmark(wrapper, {n: outputs[n] for n in staged if n != "optimized"}, to_nhwc(images[:BIG_BATCH]),
-                        args.benchmark_runs)
-    if args.quantize and "int8" not in staged:
-        # An earlier run's int8 model beside the new fp32 one would pass for its quantized version.
-        stale = outputs["int8"].exists()
-        outputs["int8"].unlink(missing_ok=True)
+        table, threads = benchmark(wrapper, {n: outputs[n] for n in staged if n != "optimized"},
+                                   to_nhwc(images[:BIG_BATCH]), (1, BIG_BATCH), args.benchmark_runs)
+        print(benchmark_table(table, threads, args.benchmark_runs, BIG_BATCH))
+    if refused:
         print(f"export.py: warning: the int8 gate refused all {len(attempts)} recipes for --target {args.target}: "
               f"no int8 model{' (the earlier one at ' + str(outputs['int8']) + ' is removed)' if stale else ''}; "
               f"the verified fp32 model is written: {outputs['fp32']}", file=sys.stderr)
@@ -181,14 +175,6 @@ def main(args):
     return 0
 
 
-def print_benchmark(wrapper, model_paths, pixels, runs):
-    table, threads = benchmark(wrapper, model_paths, pixels, (1, BIG_BATCH), runs)
-    print(f"\nmedian latency on this CPU, ms ({threads} thread(s), {runs} runs)")
-    print(f"| {'engine':<20} | {'batch 1':>9} | {'batch 64':>9} | {'b1 speed-up':>11} |")
-    print(f"|{'-' * 22}|{'-' * 11}:|{'-' * 11}:|{'-' * 12}:|")
-    eager = table["pytorch eager"][1]
-    for name, times in table.items():
-        print(f"| {name:<20} | {times[1]:>9.2f} | {times[BIG_BATCH]:>9.1f} | {eager / times[1]:>10.1f}x |")
 
 
 if __name__ == "__main__":
