@@ -3,34 +3,49 @@
 Example: python export.py --checkpoint runs/target/best.pt --out runs/target/model.onnx --quantize int8 --target arm64
 Input (N, H, W, 3) uint8 RGB, output (N, C) probabilities; see lib/edge.py for the contract.
 The model is checked against PyTorch on real images at batch 1 and 64 before it is written:
-a probability differing by more than --tolerance exits non-zero and writes nothing. So does an
-int8 model that fails its gate (top-1 agreement with the float model, AUROC loss).
-With --quantize int8 also writes OUT's name with .int8.onnx, with --optimize .optimized.onnx.
+a probability differing by more than --tolerance exits non-zero and writes nothing.
+With --quantize int8 also writes OUT's name with .int8.onnx, with --optimize .optimized.onnx;
+the int8 model is written only if it passes its gate (lib.int8_gate), trying more precise
+recipes (lib.quantize.recipes_to_try) before giving up.
 """
+import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import onnxruntime
-import torch
 
 from lib import cli
 from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, describe_images, export_onnx,
-                             model_metadata, optimize_for_runtime, reference_images, stamp_metadata, to_nhwc,
-                             verify)
-from lib.quantize import (CALIBRATION_METHODS, DEFAULT_TARGET, TARGETS, class_counts, fused_convolutions,
-                          gate_failures, gate_scores, quantize_int8, recipe)
+from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, benchmark_table, describe_images,
+                             export_onnx, model_metadata, optimize_for_runtime, reference_images, stamp_metadata,
+                             to_nhwc, verification_table, verify)
+from lib.int8_gate import Gate
+from lib.quantize import CALIBRATION_METHODS, DEFAULT_TARGET, TARGETS, calibration_set, quantize_gated, recipes_to_try
 
 BIG_BATCH = 64
+INT8_REFUSED = 3
+EXIT_CODES = f"""exit codes:
+  0    every model asked for is verified and written
+  2    bad input (file, flag, data), or the fp32 model failed verification: nothing written
+  {INT8_REFUSED}    the fp32 model (and --optimize's) is verified and written, but the int8 gate refused
+       every recipe: no .int8.onnx (an earlier one at that path is removed)
+  130  interrupted (Ctrl-C)
+"""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, and the exit codes laid out as written."""
 
 
 def get_args_parser():
     parser = cli.make_parser(__doc__)
+    parser.formatter_class, parser.epilog = HelpFormatter, EXIT_CODES
     parser.add_argument("--checkpoint", required=True, help="checkpoint to export (best.pt)")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -42,7 +57,8 @@ def get_args_parser():
     verification = parser.add_argument_group("verification and calibration images")
     verification.add_argument("--verify-data", default=None,
                               help="dataset to verify and calibrate on (default: the checkpoint's own --data)")
-    verification.add_argument("--verify-split", default="val", help="split to verify on")
+    verification.add_argument("--verify-split", default="val",
+                              help="split to verify on; with --quantize not train, which calibrates")
     verification.add_argument("--synthetic-verify", action="store_true",
                               help="verify and calibrate on generated drawings instead of real images")
     verification.add_argument("--tolerance", type=cli.positive_float, default=1e-4,
@@ -54,19 +70,29 @@ def get_args_parser():
                       help="CPU the int8 model is for: x86 (any x86-64; 7-bit weights avoid saturation "
                            "without VNNI), x86-vnni (AVX512-VNNI/AVX-VNNI/AMX), arm64 (int8 activations)")
     int8.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax",
-                      help="how activation ranges are chosen from the calibration images")
+                      help="how activation ranges are chosen from the calibration images, in the first recipe "
+                           "tried; when the gate refuses it: the other of minmax and percentile, this one with "
+                           "the first and last layers in float, entropy")
     int8.add_argument("--calibration-images", type=cli.positive_int, default=256,
                       help="training images used to calibrate --quantize")
-    int8.add_argument("--min-agreement", type=cli.positive_float, default=0.99,
-                      help="gate: least top-1 agreement of the int8 model with the float model")
-    int8.add_argument("--max-auroc-loss", type=cli.non_negative_float, default=0.005,
-                      help="gate: most AUROC the int8 model may lose against the float model")
+    gate = parser.add_argument_group("int8 gate (on the verification images; see lib/int8_gate.py)")
+    gate.add_argument("--min-confident-agreement", type=cli.positive_float, default=Gate.min_confident_agreement,
+                      help="least top-1 agreement with the fp32 model on the images it is confident about")
+    gate.add_argument("--confident-above", type=cli.positive_float, default=Gate.confident_above,
+                      help="fp32 top probability from which an image counts as confident")
+    gate.add_argument("--max-accuracy-loss", type=cli.non_negative_float, default=Gate.max_accuracy_loss,
+                      help="refuse int8 when it loses more accuracy than this, beyond noise (McNemar's exact test)")
+    gate.add_argument("--max-auroc-loss", type=cli.non_negative_float, default=Gate.max_auroc_loss,
+                      help="refuse int8 when it loses more AUROC than this, beyond noise (paired bootstrap)")
+    gate.add_argument("--gate-level", type=cli.unit_interval, default=Gate.level,
+                      help="confidence level of both tests (two-sided)")
     parser.add_argument("--optimize", action="store_true",
                         help="also write the graph as onnxruntime optimises it for this CPU")
     parser.add_argument("--benchmark", action="store_true",
                         help="print median latency of PyTorch eager and onnxruntime at batch 1 and 64")
     parser.add_argument("--benchmark-runs", type=cli.positive_int, default=20, help="timed runs per median")
-    parser.add_argument("--seed", type=int, default=0, help="seed for choosing calibration images")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed for choosing calibration images and for the gate's bootstrap")
     return parser
 
 
@@ -82,30 +108,6 @@ def planned_outputs(out, quantize, optimize):
     return outputs
 
 
-def print_verification(rows, reference):
-    print(f"{'model':<22}{'max |dp|':>10}{'agree':>8}{'accuracy':>10}{'AUROC':>8}{'dAUROC':>9}")
-    for name, row in rows.items():
-        scores = (f"{row['accuracy']:>10.4f}{row['auroc']:>8.4f}{row['auroc'] - reference['auroc']:>+9.4f}"
-                  if "accuracy" in row else "")
-        print(f"{name:<22}{row['max_abs_diff']:>10.2e}{row['class_agreement']:>8.4f}{scores}")
-
-
-def calibration_set(checkpoint, data, synthetic, count, method, seed):
-    """(uint8 NHWC pixels, where they came from) for --quantize: a seeded sample of the training split."""
-    images, labels, source = reference_images(checkpoint, data, "train", synthetic, count=count, seed=seed)
-    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-    counts = class_counts(None if labels is None else labels[chosen], checkpoint["classes"])
-    balance = ", ".join(f"{name} {n}" for name, n in counts.items()) if counts else "unlabelled"
-    print(f"calibrating ({method}) on {len(chosen)} of {describe_images(source)}: {balance}")
-    return to_nhwc(images[chosen]), {**source, "count": len(chosen), "class_counts": counts}
-
-
-def print_gate(scores, min_agreement, max_auroc_loss):
-    loss = "n/a (unlabelled images)" if scores["auroc_loss"] is None else f"{scores['auroc_loss']:+.4f}"
-    print(f"int8 gate: top-1 agreement with fp32 {scores['agreement']:.4f} (at least {min_agreement:g}), "
-          f"AUROC loss {loss} (at most {max_auroc_loss:g})")
-
-
 def main(args):
     outputs = planned_outputs(args.out, args.quantize, args.optimize)
     existing = [str(p) for p in outputs.values() if p.exists()]
@@ -113,12 +115,14 @@ def main(args):
         raise UserError(f"--out: {', '.join(existing)} already exist(s); use --overwrite to replace")
     if args.synthetic_verify and args.verify_data:
         raise UserError("--verify-data and --synthetic-verify: give one or the other")
+    if args.quantize and args.verify_split == "train":
+        raise UserError("--verify-split train: --quantize calibrates on the train split, and a gate scored on the "
+                        "calibration images would flatter the int8 model; verify on another split (default val)")
     checkpoint = load_checkpoint(args.checkpoint)
     network = model_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}")
     images, labels, source = reference_images(checkpoint, args.verify_data, args.verify_split, args.synthetic_verify)
     gflop = inference_flops(network, checkpoint["image_size"]) / 1e9
     metadata = model_metadata(checkpoint, file_hash(args.checkpoint), args.raw_logits, args.opset, source, gflop)
-    runtime_config = TARGETS[args.target].runtime_config if args.quantize else {}
     outputs["fp32"].parent.mkdir(parents=True, exist_ok=True)
     # Everything is written beside OUT first and moved into place only once verified.
     with tempfile.TemporaryDirectory(dir=outputs["fp32"].parent, prefix=".export.") as scratch:
@@ -127,51 +131,50 @@ def main(args):
         print(f"exported {checkpoint['model']} ({metadata['stem']} stem, {gflop:.3f} GFLOP per image; opset "
               f"{args.opset}, onnxruntime >= {RUNTIME_FOR_OPSET[args.opset]}, input uint8 "
               f"N,{checkpoint['image_size']},{checkpoint['image_size']},3 RGB) -> {outputs['fp32']}")
-        if args.quantize:
-            pixels, calibrated_on = calibration_set(checkpoint, args.verify_data, args.synthetic_verify,
-                                                    args.calibration_images, args.calibration_method, args.seed)
-            how = recipe(args.target, args.calibration_method)
-            quantize_int8(staged["fp32"], staged["int8"], pixels, args.target, args.calibration_method,
-                          {"quantization": json.dumps(how), "calibration_images": json.dumps(calibrated_on)})
-            fused, total = fused_convolutions(staged["int8"], runtime_config)
-            print(f"int8 for {args.target} ({how['activations']} activations, int8 weights per channel, "
-                  f"reduce_range {how['reduce_range']}): onnxruntime runs {fused} of {total} convolutions as "
-                  f"int8 kernels{' in its ARM graph' if args.target == 'arm64' else ''}")
         if args.optimize:
             optimize_for_runtime(staged["fp32"], staged["optimized"])
             # It holds onnxruntime's own fused operators: only a runtime as new as this one knows them.
             stamp_metadata(staged["optimized"], {"min_onnxruntime": onnxruntime.__version__})
         print(f"verifying on {describe_images(source)} against PyTorch (tolerance {args.tolerance:g} on probabilities)")
-        models = {name: (OnnxClassifier(path, config=runtime_config if name == "int8" else None), name != "int8")
-                  for name, path in staged.items()}
+        models = {name: (OnnxClassifier(path), True) for name, path in staged.items() if name != "int8"}
         rows, probs = verify(network, checkpoint, models, images, labels, BIG_BATCH, args.tolerance)
-        print_verification(rows, rows["pytorch"])
+        print(verification_table(rows))
         failed = {name: row for name, row in rows.items() if row.get("within_tolerance") is False}
         if failed:
             worst = ", ".join(f"{name}: max |dp| {row['max_abs_diff']:.3g}, classes agree on "
                               f"{row['class_agreement']:.2%}" for name, row in failed.items())
             raise UserError(f"verification failed, nothing written: {worst} (--tolerance {args.tolerance:g})")
         if args.quantize:
-            scores = gate_scores(probs["fp32"], probs["int8"], labels)
-            print_gate(scores, args.min_agreement, args.max_auroc_loss)
-            failures = gate_failures(scores, args.min_agreement, args.max_auroc_loss)
-            if failures:
-                raise UserError(f"int8 gate failed, nothing written: {'; '.join(failures)}")
-            stamp_metadata(staged["int8"], {"int8_gate": json.dumps(
-                {**scores, "min_agreement": args.min_agreement, "max_auroc_loss": args.max_auroc_loss})})
+            pixels, calibrated_on = calibration_set(checkpoint, args.verify_data, args.synthetic_verify,
+                                                    args.calibration_images, args.seed)
+            gate = Gate(args.min_confident_agreement, args.confident_above, args.max_accuracy_loss,
+                        args.max_auroc_loss, args.gate_level, seed=args.seed)
+            kept, attempts = quantize_gated(staged["fp32"], staged["int8"], pixels,
+                                            recipes_to_try(args.target, args.calibration_method), gate,
+                                            to_nhwc(images), probs["fp32"], labels,
+                                            {"calibration_images": json.dumps(calibrated_on)}, BIG_BATCH)
+            if kept is None:
+                del staged["int8"]
         for name, path in staged.items():
             os.replace(path, outputs[name])
-    for name, path in outputs.items():
-        print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    refused = args.quantize and "int8" not in staged
+    stale = refused and outputs["int8"].exists()
+    if stale:  # an earlier run's int8 model beside the new fp32 one would pass for its quantized version
+        outputs["int8"].unlink()
+    for name in staged:
+        print(f"{name}: {outputs[name]} ({outputs[name].stat().st_size / 1e6:.2f} MB)")
     if args.benchmark:
-        table, threads = benchmark(wrapper, {n: p for n, p in outputs.items() if n != "optimized"},
+        table, threads = benchmark(wrapper, {n: outputs[n] for n in staged if n != "optimized"},
                                    to_nhwc(images[:BIG_BATCH]), (1, BIG_BATCH), args.benchmark_runs)
-        print(f"\nmedian latency on this CPU, ms ({threads} thread(s), {args.benchmark_runs} runs)")
-        print(f"| {'engine':<20} | {'batch 1':>9} | {'batch 64':>9} | {'b1 speed-up':>11} |")
-        print(f"|{'-' * 22}|{'-' * 11}:|{'-' * 11}:|{'-' * 12}:|")
-        eager = table["pytorch eager"][1]
-        for name, times in table.items():
-            print(f"| {name:<20} | {times[1]:>9.2f} | {times[BIG_BATCH]:>9.1f} | {eager / times[1]:>10.1f}x |")
+        print(benchmark_table(table, threads, args.benchmark_runs, BIG_BATCH))
+    if refused:
+        print(f"export.py: warning: the int8 gate refused all {len(attempts)} recipes for --target {args.target}: "
+              f"no int8 model{' (the earlier one at ' + str(outputs['int8']) + ' is removed)' if stale else ''}; "
+              f"the verified fp32 model is written: {outputs['fp32']}", file=sys.stderr)
+        return INT8_REFUSED
+    return 0
+
+
 
 
 if __name__ == "__main__":

@@ -166,12 +166,15 @@ def plain_args(args):
 
 
 def run(main, parser):
-    """Parse, run, and turn a UserError into `prog: error: message` with exit code 2."""
+    """Parse, run, and turn a UserError into `prog: error: message` with exit code 2.
+    A main that returns a number exits with it (export.py's 3: written, but not everything)."""
     args = parser.parse_args()
     try:
-        main(args)
+        status = main(args)
     except UserError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    if status:
+        sys.exit(status)

@@ -220,6 +220,17 @@ def verify(network, checkpoint, models, images, labels, big_batch=64, tolerance=
     return rows, probs
 
 
+def verification_table(rows):
+    """verify()'s rows as a table for people: each model against PyTorch, and its scores."""
+    reference = rows["pytorch"]
+    lines = [f"{'model':<22}{'max |dp|':>10}{'agree':>8}{'accuracy':>10}{'AUROC':>8}{'dAUROC':>9}"]
+    for name, row in rows.items():
+        scores = (f"{row['accuracy']:>10.4f}{row['auroc']:>8.4f}{row['auroc'] - reference['auroc']:>+9.4f}"
+                  if "accuracy" in row else "")
+        lines.append(f"{name:<22}{row['max_abs_diff']:>10.2e}{row['class_agreement']:>8.4f}{scores}")
+    return "\n".join(lines)
+
+
 def optimize_for_runtime(path, out, config=None):
     """Save the graph onnxruntime runs after its optimisations (fusions) for this CPU.
 
@@ -267,3 +278,14 @@ def benchmark(wrapper, model_paths, pixels, batch_sizes=(1, 64), runs=20):
             b: _median_seconds(lambda x=x: session.run(None, {INPUT_NAME: x}), runs) * 1000
             for b, x in batches.items()}
     return table, threads
+
+
+def benchmark_table(table, threads, runs, big_batch=64):
+    """benchmark()'s latencies as a Markdown table, with each engine's batch-1 speed-up over eager."""
+    eager = table["pytorch eager"][1]
+    lines = [f"\nmedian latency on this CPU, ms ({threads} thread(s), {runs} runs)",
+             f"| {'engine':<20} | {'batch 1':>9} | {'batch ' + str(big_batch):>9} | {'b1 speed-up':>11} |",
+             f"|{'-' * 22}|{'-' * 11}:|{'-' * 11}:|{'-' * 12}:|"]
+    lines += [f"| {name:<20} | {times[1]:>9.2f} | {times[big_batch]:>9.1f} | {eager / times[1]:>10.1f}x |"
+              for name, times in table.items()]
+    return "\n".join(lines)

@@ -1,5 +1,5 @@
-"""int8 for a target CPU: static QDQ quantization as onnxruntime recommends for it, and the gate
-an int8 model must pass before it is written.
+"""int8 for a target CPU: static QDQ quantization as onnxruntime recommends for it, tried recipe
+by recipe until one passes the accuracy gate (lib.int8_gate).
 
 Types per target, from onnxruntime's quantization guide ("Data type selection", "When to use
 reduce-range and per-channel quantization?"); weights are always int8, per output channel:
@@ -16,19 +16,34 @@ reduce-range and per-channel quantization?"); weights are always int8, per outpu
   is why the x86 targets take uint8 activations: with int8 ones it ran only 8 of ResNet-18's
   20 convolutions as int8 kernels here. An arm64 model is verified here in the graph
   onnxruntime builds on ARM (session.qdqisint8allowed=1), so the gate sees ARM's arithmetic.
+
+When the gate refuses a model, more precise recipes for the same target follow, in this order
+(recipes_to_try): the calibration asked for (default minmax); the other of minmax and
+percentile (percentile clips the 0.001% most extreme activations so the rest get finer
+steps); the first calibration with the first convolution and the classifier layer kept in
+float, the layers whose rounding reaches the output least diluted (a little slower on the
+device); last, entropy calibration (the range that loses least information, as TensorRT's),
+last because onnxruntime searches for it in a Python loop: seconds per activation tensor here,
+where a whole minmax model takes half a second. The target's types (activations, reduce_range)
+never change: they decide what is correct on the device, which a gate run on this machine
+cannot see (a model without reduce_range may saturate on an x86 CPU without VNNI, and this
+one's VNNI would hide it).
 """
 import contextlib
 import io
+import json
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 
-from lib.edge import read_metadata
-from lib.metrics import auroc
-from lib.onnx_export import INPUT_NAME, check_and_save, match_ir_version, optimize_for_runtime, set_metadata
+from lib.edge import OnnxClassifier, read_metadata
+from lib.int8_gate import describe
+from lib.onnx_export import (INPUT_NAME, check_and_save, describe_images, match_ir_version, optimize_for_runtime,
+                             reference_images, set_metadata, stamp_metadata, to_nhwc)
 
 
 @dataclass(frozen=True)
@@ -42,7 +57,7 @@ TARGETS = {"x86": Target("uint8", reduce_range=True),
            "x86-vnni": Target("uint8", reduce_range=False),
            "arm64": Target("int8", reduce_range=False, runtime_config={"session.qdqisint8allowed": "1"})}
 DEFAULT_TARGET = "x86"
-CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 # Only the network's own operators: Softmax and the pixel scaling before the first convolution stay float.
 QUANTIZED_OPS = ["Conv", "Gemm", "MatMul", "Relu", "MaxPool", "Add", "GlobalAveragePool", "Flatten", "Reshape"]
 
@@ -57,33 +72,66 @@ class _Batches:
         return next(self.batches, None)
 
 
-def recipe(target, method):
-    """What the int8 model is, for its metadata and for people."""
-    spec = TARGETS[target]
-    return {"target": target, "format": "QDQ", "activations": spec.activations, "weights": "int8",
-            "per_channel": True, "reduce_range": spec.reduce_range, "calibration": method}
+@dataclass(frozen=True)
+class Recipe:
+    """One way to make the int8 model: the target's types, a calibration method, and whether the
+    first convolution and the classifier layer stay in float."""
+    target: str
+    calibration: str
+    float_ends: bool = False
+
+    def metadata(self):
+        """What the int8 model is, for its metadata."""
+        spec = TARGETS[self.target]
+        return {"target": self.target, "format": "QDQ", "activations": spec.activations, "weights": "int8",
+                "per_channel": True, "reduce_range": spec.reduce_range, "calibration": self.calibration,
+                "float_layers": "first convolution, classifier" if self.float_ends else "none"}
+
+    def __str__(self):
+        spec = TARGETS[self.target]
+        ends = ", first convolution and classifier in float" if self.float_ends else ""
+        return (f"{self.target} ({spec.activations} activations, int8 weights per channel, reduce_range "
+                f"{spec.reduce_range}), {self.calibration} calibration{ends}")
 
 
-def quantize_int8(fp32_path, out, calibration_pixels, target=DEFAULT_TARGET, method="minmax", metadata=None):
-    """Static QDQ int8 quantization of the model at fp32_path for `target`, calibrated with `method`.
+def recipes_to_try(target, first_method="minmax"):
+    """The recipes for `target`, in the order they are tried (see the module's docstring): the
+    calibration asked for, the other fast one, the first with its end layers in float, entropy."""
+    fast = [m for m in CALIBRATION_METHODS if m not in (first_method, "entropy")]
+    recipes = [Recipe(target, m) for m in [first_method, *fast]] + [Recipe(target, first_method, float_ends=True)]
+    return recipes + ([Recipe(target, "entropy")] if first_method != "entropy" else [])
+
+
+def _end_layers(model_proto):
+    """Names of the first convolution and the last Gemm/MatMul (the classifier) in graph order."""
+    nodes = model_proto.graph.node
+    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
+    return [name for name in (first, last) if name]
+
+
+def quantize_int8(fp32_path, out, calibration_pixels, recipe, metadata=None):
+    """Static QDQ int8 quantization of the model at fp32_path by `recipe` (a Recipe), calibrated
+    on uint8 (N, H, W, 3) pixels.
 
     quant_pre_process first (shape inference and the graph simplifications onnxruntime
     recommends before quantizing). The result keeps the float model's opset, IR version and
-    metadata, plus `metadata`.
+    metadata, plus the recipe's (`quantization`) and `metadata`.
     """
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
 
-    spec = TARGETS[target]
+    spec = TARGETS[recipe.target]
     # quantize_static's own entropy calibration histograms into 128 bins for 128 quantized
     # levels, which leaves one candidate range, the min-max one; 2048 bins as in TensorRT's.
     methods = {"minmax": (CalibrationMethod.MinMax, {}), "entropy": (CalibrationMethod.Entropy, {"num_bins": 2048}),
                "percentile": (CalibrationMethod.Percentile, {})}
-    calibrate_method, options = methods[method]
+    calibrate_method, options = methods[recipe.calibration]
     inherited = read_metadata(fp32_path)
     with tempfile.TemporaryDirectory() as scratch:
         prepared, ranges, quantized_path = (Path(scratch) / name for name in ("prepared.onnx", "ranges.json", "int8.onnx"))
         quant_pre_process(str(fp32_path), str(prepared))
+        kept_float = _end_layers(onnx.load(str(prepared))) if recipe.float_ends else []
         calibrator = create_calibrator(prepared, QUANTIZED_OPS, augmented_model_path=str(Path(scratch) / "augmented.onnx"),
                                        calibrate_method=calibrate_method, extra_options=options)
         with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators' progress chatter
@@ -92,12 +140,12 @@ def quantize_int8(fp32_path, out, calibration_pixels, target=DEFAULT_TARGET, met
         quantize_static(str(prepared), str(quantized_path), None, quant_format=QuantFormat.QDQ, per_channel=True,
                         reduce_range=spec.reduce_range,
                         activation_type={"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}[spec.activations],
-                        weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS,
+                        weight_type=QuantType.QInt8, op_types_to_quantize=QUANTIZED_OPS, nodes_to_exclude=kept_float,
                         calibrate_method=calibrate_method, calibration_cache_path=ranges)
         quantized = onnx.load(str(quantized_path))
     # quant_pre_process imports every opset onnxruntime knows; onnxruntime 1.15 refuses ai.onnx.ml 5.
     match_ir_version(quantized)
-    set_metadata(quantized, {**inherited, **(metadata or {})})
+    set_metadata(quantized, {**inherited, "quantization": json.dumps(recipe.metadata()), **(metadata or {})})
     check_and_save(quantized, out)
 
 
@@ -111,6 +159,17 @@ def fused_convolutions(path, config=None):
     return fused, fused + sum(op in ("Conv", "FusedConv", "NhwcFusedConv") for op in ops)
 
 
+def calibration_set(checkpoint, data, synthetic, count, seed):
+    """(uint8 (count, H, W, 3) pixels, where they came from): a seeded sample of the training split
+    of `data` (None: the checkpoint's own), or generated drawings when `synthetic`."""
+    images, labels, source = reference_images(checkpoint, data, "train", synthetic, count=count, seed=seed)
+    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
+    counts = class_counts(None if labels is None else labels[chosen], checkpoint["classes"])
+    balance = ", ".join(f"{name} {n}" for name, n in counts.items()) if counts else "unlabelled"
+    print(f"int8 calibration images: {len(chosen)} of {describe_images(source)}: {balance}")
+    return to_nhwc(images[chosen]), {**source, "count": len(chosen), "class_counts": counts}
+
+
 def class_counts(labels, classes):
     """{class name: images} of a labelled set, None for an unlabelled one."""
     if labels is None:
@@ -119,20 +178,35 @@ def class_counts(labels, classes):
     return {name: int(count) for name, count in zip(classes, counts)}
 
 
-def gate_scores(float_probs, int8_probs, labels):
-    """Top-1 agreement of the int8 model with the float model, and the AUROC it loses
-    (float minus int8; None when the images are unlabelled or hold one class only)."""
-    scores = {"agreement": float((int8_probs.argmax(1) == float_probs.argmax(1)).mean()), "auroc_loss": None}
-    if labels is not None and len(np.unique(labels)) > 1:
-        scores["auroc_loss"] = auroc(labels, float_probs) - auroc(labels, int8_probs)
-    return scores
+def quantize_gated(fp32_path, out, calibration_pixels, recipes, gate, pixels, float_probs, labels,
+                   metadata=None, batch_size=64):
+    """Quantize by each recipe in turn and keep, at `out`, the first int8 model `gate` passes.
 
-
-def gate_failures(scores, min_agreement, max_auroc_loss):
-    """The gate's failed conditions, as text naming the option that sets each threshold."""
-    failures = []
-    if scores["agreement"] < min_agreement:
-        failures.append(f"top-1 agreement {scores['agreement']:.4f} < {min_agreement:g} (--min-agreement)")
-    if scores["auroc_loss"] is not None and scores["auroc_loss"] > max_auroc_loss:
-        failures.append(f"AUROC loss {scores['auroc_loss']:.4f} > {max_auroc_loss:g} (--max-auroc-loss)")
-    return failures
+    pixels: uint8 (N, H, W, 3) verification images, never the calibration ones; float_probs:
+    the float model's (N, C) probabilities on them; labels (N,) or None. Each attempt's figures
+    are printed. Returns (the kept Recipe or None, [each attempt's recipe and verdict]); the kept
+    model's metadata records its recipe (`quantization`, with the attempts refused before it)
+    and its verdict (`int8_gate`). When no recipe passes, nothing is left at `out`.
+    """
+    attempts = []
+    for number, recipe in enumerate(recipes, 1):
+        quantize_int8(fp32_path, out, calibration_pixels, recipe, metadata)
+        config = TARGETS[recipe.target].runtime_config
+        fused, total = fused_convolutions(out, config)
+        print(f"int8 attempt {number} of {len(recipes)}: {recipe}; onnxruntime runs {fused} of {total} "
+              f"convolutions as int8 kernels{' in its ARM graph' if recipe.target == 'arm64' else ''}")
+        verdict = gate.judge(float_probs, OnnxClassifier(out, config=config).predict_proba(pixels, batch_size),
+                             labels)
+        for line in describe(verdict):
+            print(f"  {line}")
+        refused = [{"recipe": a["recipe"].metadata(), "failures": a["verdict"]["failures"]} for a in attempts]
+        attempts.append({"recipe": recipe, "verdict": verdict})
+        if verdict["passed"]:
+            print(f"  int8 gate passed: kept attempt {number}")
+            stamp_metadata(out, {"quantization": json.dumps({**recipe.metadata(), "attempt": number,
+                                                             "refused_before": refused}),
+                                 "int8_gate": json.dumps(verdict)})
+            return recipe, attempts
+        print(f"  int8 gate refused it: {'; '.join(verdict['failures'])}")
+    Path(out).unlink()
+    return None, attempts
