@@ -10,8 +10,9 @@ import dataclasses
 
 from lib import cli, crossval, distributed, transfer
 from lib.data import load_split
-from lib.engine import config_from_args, fit
+from lib.engine import config_from_args, fit, train_size
 from lib.files import write_csv, write_json
+from lib.models import check_input_sizes
 
 
 def get_args_parser():
@@ -37,11 +38,13 @@ def main(args):
     rows = []
     for fold, (train, heldout) in enumerate(crossval.folds(labelled, args.folds, args.seed), start=1):
         model, frozen = transfer.build_target(source, args.source, len(labelled.classes), k, args.seed)
+        check_input_sizes(model, source["model"], source["image_size"],
+                          train_size(1, config.epochs, config.min_size, source["image_size"]))
         describe = transfer.target_describe(source, args.task, labelled.classes, cli.plain_args(args),
                                             transfer.lineage(args.source, k, source["model"]))
         run_dir = cli.prepare_out_dir(out / f"fold-{fold}", overwrite=True)
         history = fit(model, train, heldout, describe=describe, config=config, out=run_dir, device=device,
-                      seed=args.seed, param_groups=transfer.param_groups(model, args.lr_backbone),
+                      seed=args.seed, param_groups=transfer.param_groups(model, source["model"], args.lr_backbone),
                       frozen_modules=frozen)
         rows.append(crossval.fold_row(fold, train, heldout, history))
         print(f"fold {fold}/{args.folds}: held-out loss {rows[-1]['loss']:.4f}, accuracy "

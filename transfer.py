@@ -10,8 +10,8 @@ from pathlib import Path
 
 from lib import cli, distributed, transfer
 from lib.data import load_split
-from lib.engine import config_from_args, cost_summary, fit
-from lib.models import stage_count
+from lib.engine import config_from_args, cost_summary, fit, train_size
+from lib.models import check_input_sizes, stage_count
 from lib.plots import plot_curves, plot_sweep
 
 
@@ -54,13 +54,15 @@ def main(args):
     rows, histories = [], {}
     for k, label, (run_dir, resume) in zip(freezes, labels, run_dirs):
         model, frozen = transfer.build_target(source, args.source, len(train.classes), k, args.seed)
+        check_input_sizes(model, model_name, source["image_size"],
+                          train_size(1, config.epochs, config.min_size, source["image_size"]))
         describe = transfer.target_describe(source, args.task, train.classes, cli.plain_args(args),
                                             transfer.lineage(args.source, k, model_name))
         if distributed.is_main():
             print(f"freeze {label} of {stage_count(model_name)} stages: "
                   f"{transfer.trainable_params(model):,} trainable parameters -> {run_dir}")
         fit(model, train, val, describe=describe, config=config, out=run_dir, device=device,
-            seed=args.seed, param_groups=transfer.param_groups(model, args.lr_backbone),
+            seed=args.seed, param_groups=transfer.param_groups(model, model_name, args.lr_backbone),
             frozen_modules=frozen, resume=resume)
         if distributed.is_main():
             row, histories[label] = transfer.run_summary(label, model, run_dir)

@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 torch.load(path, weights_only=True): a file that would run code on load is refused.
 Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes, image_size, mean, std, args, epoch, metrics, state_dict, and for
-resuming training also optimizer, scheduler, rng, and lineage for transferred models.
+resuming training also optimizer, scheduler, rng; lineage for transferred models (lib.transfer)
+and those started from a weights file (lib.weights).
 """
 import hashlib
 import pickle
@@ -14,7 +15,7 @@ import torch
 
 from lib.errors import UserError
 from lib.files import atomic_write
-from lib.models import build_model, stems_of
+from lib.models import MODELS, build_model, stems_of
 
 FORMAT = "landmark-classification/1"
 REQUIRED = ("format", "model", "classes", "image_size", "mean", "std", "state_dict")
@@ -55,18 +56,24 @@ def file_hash(path):
     return digest.hexdigest()
 
 
-def model_from_checkpoint(checkpoint, where="checkpoint"):
-    """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
+def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
+    """The network a checkpoint describes (model, stem, classes, image size) in eval mode, with its
+    weights; load_weights=False gives a fresh initialisation of the same network (Grad-CAM's
+    sanity check). Every rebuild goes through here, so none can forget a part of the description."""
+    name = checkpoint["model"]
+    if name not in MODELS:
+        raise UserError(f"{where}: model {name!r} is not one this project builds")
     stem = checkpoint.get("stem")
-    if stem not in (None, *stems_of(checkpoint["model"])):
-        raise UserError(f"{where}: weights do not fit model {checkpoint['model']!r} (its stem {stem!r} is none "
-                        f"of {', '.join(stems_of(checkpoint['model']))})")
-    model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"], stem)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise UserError(f"{where}: weights do not fit model {checkpoint['model']!r} "
-                        f"({str(error).splitlines()[0]})") from None
+    if stem not in (None, *stems_of(name)):
+        raise UserError(f"{where}: weights do not fit model {name!r} (its stem {stem!r} is none "
+                        f"of {', '.join(stems_of(name))})")
+    model = build_model(name, len(checkpoint["classes"]), checkpoint["image_size"], stem)
+    if load_weights:
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:
+            raise UserError(f"{where}: weights do not fit model {name!r} "
+                            f"({str(error).splitlines()[0]})") from None
     return model.eval()
 
 
@@ -81,7 +88,7 @@ def resume_mismatches(saved, describe):
     describe is the new run's checkpoint description. A transferred run takes its model and
     image size from --source, so there those are --source's to answer for.
     """
-    transferred = "lineage" in describe
+    transferred = "source" in (describe.get("lineage") or {})
     saved_lineage, lineage = saved.get("lineage") or {}, describe.get("lineage") or {}
     checks = [
         ("--source" if transferred else "--model", saved.get("model"), describe.get("model")),
@@ -90,6 +97,9 @@ def resume_mismatches(saved, describe):
         ("--source" if transferred else "--image-size", saved.get("image_size"), describe.get("image_size")),
         ("--source", saved_lineage.get("source_sha256"), lineage.get("source_sha256")),
         ("--freeze", saved_lineage.get("frozen_stages"), lineage.get("frozen_stages")),
+        # A transferred run inherits its source's weights file: another one means another source.
+        ("--source" if transferred else "--weights", saved_lineage.get("weights_sha256"),
+         lineage.get("weights_sha256")),
     ]
     flags = list(dict.fromkeys(flag for flag, old, new in checks if old != new))
     # Another task has other classes anyway; the same task and folder with other classes
@@ -106,7 +116,8 @@ def check_resume(saved, describe, path):
         was = {"--model": saved.get("model"), "--task": saved.get("task"),
                "--data": saved.get("args", {}).get("data"), "--image-size": saved.get("image_size"),
                "--source": (saved.get("lineage") or {}).get("source"),
-               "--freeze": (saved.get("lineage") or {}).get("frozen_stages")}
+               "--freeze": (saved.get("lineage") or {}).get("frozen_stages"),
+               "--weights": (saved.get("lineage") or {}).get("weights")}
         raise UserError(f"--resume: {path} belongs to a run with different {', '.join(flags)} "
                         f"(it had {' '.join(f'{flag} {was[flag]}' for flag in flags)}); "
                         "resume with the same settings, or start a new --out")
