@@ -20,18 +20,26 @@ def _count(run):
     return counter.get_total_flops() / _BATCH
 
 
+def _device(model):
+    """Counted on the CPU, or on the meta device for a model built there (lib.models.meta_device):
+    the count depends on shapes only."""
+    return torch.device("meta") if next(model.parameters()).is_meta else torch.device("cpu")
+
+
 def training_flops(model, image_size, num_classes):
     """FLOPs of one training image: forward and backward as the model is set up (frozen
     stages at the input side need no backward, so they cost a forward only)."""
-    scratch = copy.deepcopy(model).cpu().float().train()
-    x = torch.zeros(_BATCH, 3, image_size, image_size)
-    y = torch.zeros(_BATCH, dtype=torch.int64) % num_classes
+    device = _device(model)
+    scratch = copy.deepcopy(model).to(device).float().train()
+    x = torch.zeros(_BATCH, 3, image_size, image_size, device=device)
+    y = torch.zeros(_BATCH, dtype=torch.int64, device=device) % num_classes
     return _count(lambda: F.cross_entropy(scratch(x), y).backward())
 
 
 def inference_flops(model, image_size):
     """FLOPs of classifying one image (eval mode, forward only)."""
-    scratch = copy.deepcopy(model).cpu().float().eval()
-    x = torch.zeros(_BATCH, 3, image_size, image_size)
+    device = _device(model)
+    scratch = copy.deepcopy(model).to(device).float().eval()
+    x = torch.zeros(_BATCH, 3, image_size, image_size, device=device)
     with torch.no_grad():
         return _count(lambda: scratch(x))

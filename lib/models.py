@@ -21,11 +21,13 @@ photos: torchvision's ResNets shrink the input 4x before layer1 (a stride-2 7x7 
 stride-2 max-pool), which leaves a 64x64 photo only 2x2 at layer4; for inputs under 128 px the
 max-pool is dropped by default (the "no-maxpool" stem), the "stock" stem keeps it.
 """
+import contextlib
 import functools
 import math
 import textwrap
 from dataclasses import dataclass
 from typing import Callable
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -287,8 +289,9 @@ def build_model(name, num_classes, image_size=64, stem=None):
 
 def fixed_input_size(name):
     """Whether the model takes one input size only (no progressive resizing): cnn3's linear layer
-    reads its feature map flattened, ViT's position embedding and MaxViT's windows are sized."""
-    return architecture(name).fixed_size
+    reads its feature map flattened, ViT's position embedding and MaxViT's windows are sized.
+    A name this project does not build (none given) takes any size."""
+    return name in MODELS and MODELS[name].fixed_size
 
 
 def check_input_sizes(model, name, image_size, smallest):
@@ -324,12 +327,28 @@ def _forward_problem(model, size):
     return None
 
 
+@contextlib.contextmanager
+def meta_device():
+    """Build models on the meta device: shapes without memory or initialisation, so that any
+    model, however large, can be analysed (stages, FLOPs) in a fraction of a second. RegNet's
+    builder computes its stage widths with tensors and reads them back (.tolist()), which meta
+    tensors cannot; that arithmetic runs on the CPU."""
+    from torchvision.models.regnet import BlockParams
+    widths = BlockParams.from_init_params
+
+    def widths_on_cpu(*args, **kwargs):
+        with torch.device("cpu"):
+            return widths(*args, **kwargs)
+    with mock.patch.object(BlockParams, "from_init_params", widths_on_cpu), torch.device("meta"):
+        yield
+
+
 @functools.cache
 def _reference(name):
     """The model at the reference size on the meta device (shapes without memory or arithmetic),
     and {trunk block name: the spatial side it outputs there}."""
     family = architecture(name)
-    with torch.device("meta"):
+    with meta_device():
         model = family.build(name, 2, REFERENCE_SIZE, resolve_stem(name, REFERENCE_SIZE))
     sides = {}
     if family.trunk and not family.per_block:

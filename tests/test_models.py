@@ -1,9 +1,7 @@
 """Every architecture by name: what each record promises, six device-sized models through the
 whole pipeline, a torchvision state_dict as the starting point (--weights), one-line refusals."""
-import contextlib
 import csv
 import json
-from unittest import mock
 
 import numpy as np
 import pytest
@@ -15,8 +13,8 @@ from lib.checkpoint import FORMAT, file_hash, load_checkpoint, save_checkpoint
 from lib.data import load_split
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
-from lib.models import (MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, replace_head,
-                        stage_names, stages)
+from lib.models import (MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, meta_device,
+                        replace_head, stage_names, stages)
 from lib.weights import load_weights
 
 # The device-sized torchvision models of issue 17: 0.04-0.26 GFLOP per 128 px image, and ConvNeXt
@@ -24,21 +22,6 @@ from lib.weights import load_weights
 PIPELINE_MODELS = ["mobilenet_v3_small", "mobilenet_v3_large", "shufflenet_v2_x1_0", "efficientnet_b0",
                    "regnet_y_400mf", "convnext_tiny"]
 SIZE = 224  # on the meta device a forward pass costs no arithmetic; every model runs at 224 px
-
-
-@contextlib.contextmanager
-def _meta_device():
-    """Build models without memory or initialisation (shapes only). RegNet's builder computes its
-    stage widths with tensors and reads them back (.tolist()), which meta tensors cannot do, so
-    that arithmetic runs on the CPU."""
-    from torchvision.models.regnet import BlockParams
-    widths = BlockParams.from_init_params
-
-    def widths_on_cpu(*args, **kwargs):
-        with torch.device("cpu"):
-            return widths(*args, **kwargs)
-    with mock.patch.object(BlockParams, "from_init_params", widths_on_cpu), torch.device("meta"):
-        yield
 
 
 def _parameter_names(model, dotted):
@@ -55,7 +38,7 @@ def test_the_registry_holds_every_torchvision_classification_model():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_builds_runs_and_names_its_stages_head_and_cam_layer(name):
-    with _meta_device():
+    with meta_device():
         model = build_model(name, 3, SIZE).eval()
         replace_head(model, name, 5)
     captured = {}
