@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 from conftest import run_main
-from lib.checkpoint import FORMAT, file_hash, load_checkpoint, save_checkpoint
-from lib.data import load_split
+from lib import cam
+from lib.checkpoint import FORMAT, file_hash, load_checkpoint
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.models import (MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, meta_device,
@@ -193,3 +193,19 @@ def test_resume_refuses_another_weights_file(imagenet_like_weights, demo_data, t
     _one_line_error(run_main("train.py", *common, "--weights", tmp_path / "other.pth", "--resume", check=False),
                     "--resume:", "different --weights (it had --weights ", "resnet18.pth)")
     _one_line_error(run_main("train.py", *common, "--resume", check=False), "different --weights")
+
+
+def test_grad_cam_reads_channels_last_and_token_outputs_as_maps():
+    nhwc = torch.arange(2 * 3 * 4 * 5.0).reshape(2, 3, 4, 5)  # (N, H, W, C), as Swin's blocks give
+    assert torch.equal(cam_reshape("swin_t")(nhwc)[1, 4, 2, 3], nhwc[1, 2, 3, 4])
+    tokens = torch.arange(2 * 10 * 5.0).reshape(2, 10, 5)  # (N, class token + 3x3 patches, C), as ViT's
+    assert torch.equal(cam_reshape("vit_b_32")(tokens)[1, 4, 2, 0], tokens[1, 1 + 2 * 3 + 0, 4])
+    assert cam_reshape("mobilenet_v3_small") is None
+    for name, size in (("swin_t", 32), ("vit_b_32", 64)):
+        torch.manual_seed(0)
+        # torchvision zeroes ViT's classifier at initialisation, which would leave no gradient to map.
+        model = replace_head(build_model(name, 2, size), name, 2).eval()
+        images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+        maps = cam.compute_heatmaps(model, images, [0.5] * 3, [0.25] * 3, torch.device("cpu"), "layercam",
+                                    [default_cam_layer(name)], torch.tensor([0, 1]), reshape=cam_reshape(name))
+        assert maps.shape == (2, size, size) and maps.min() >= 0 and maps.max() == pytest.approx(1), name
