@@ -15,6 +15,7 @@ from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.models import (MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, meta_device,
                         replace_head, stage_names, stages)
+from lib.transfer import freeze_stages
 from lib.weights import load_weights
 
 # The device-sized torchvision models of issue 17: 0.04-0.26 GFLOP per 128 px image, and ConvNeXt
@@ -99,7 +100,8 @@ def imagenet_like_weights(tmp_path_factory):
 @pytest.mark.parametrize("name", PIPELINE_MODELS)
 def test_device_sized_models_go_through_the_whole_pipeline(name, demo_data, imagenet_like_weights, tmp_path):
     """train (1 epoch, 32 px), evaluate, explain, export with int8, predict, all as typed by a user.
-    MobileNetV3-Small starts from a state_dict file with ImageNet's mean/std, as most users would."""
+    MobileNetV3-Small starts from a state_dict file with ImageNet's mean/std, as most users would,
+    and is then transferred to another task with its first two stages frozen."""
     run = tmp_path / "run"
     start = (["--weights", imagenet_like_weights[name], "--mean", "0.485", "0.456", "0.406",
               "--std", "0.229", "0.224", "0.225"] if name in imagenet_like_weights else [])
@@ -141,6 +143,16 @@ def test_device_sized_models_go_through_the_whole_pipeline(name, demo_data, imag
         assert json.loads(metadata["mean"]) == pytest.approx([0.485, 0.456, 0.406])
         assert f"weights: from {imagenet_like_weights[name]} (all but the head); normalising with mean 0.485 " \
                "0.456 0.406 std 0.229 0.224 0.225 (--mean/--std)" in trained.stdout
+        # Transfer to the 8-class task with the stem and the next stage (by resolution) frozen.
+        run_main("transfer.py", "--source", run / "best.pt", "--data", demo_data, "--task", "source",
+                 "--freeze", "2", "--epochs", "1", "--out", tmp_path / "transfer")
+        target = load_checkpoint(tmp_path / "transfer" / "best.pt")
+        frozen = [k for k in checkpoint["state_dict"] if k.startswith(("features.0.", "features.1."))]
+        assert frozen and all(torch.equal(checkpoint["state_dict"][k], target["state_dict"][k]) for k in frozen)
+        assert not torch.equal(checkpoint["state_dict"]["features.2.block.0.0.weight"],
+                               target["state_dict"]["features.2.block.0.0.weight"])
+        assert target["state_dict"]["classifier.3.weight"].shape[0] == 8
+        assert target["lineage"]["weights_sha256"] == weights["sha256"], "a transferred model keeps its origin"
     else:
         assert json.loads(metadata["weights"]) is None and "weights: random" in trained.stdout
 
@@ -209,3 +221,12 @@ def test_grad_cam_reads_channels_last_and_token_outputs_as_maps():
         maps = cam.compute_heatmaps(model, images, [0.5] * 3, [0.25] * 3, torch.device("cpu"), "layercam",
                                     [default_cam_layer(name)], torch.tensor([0, 1]), reshape=cam_reshape(name))
         assert maps.shape == (2, size, size) and maps.min() >= 0 and maps.max() == pytest.approx(1), name
+
+
+def test_freezing_vit_s_first_stage_freezes_its_bare_parameters():
+    with meta_device():
+        model = build_model("vit_b_32", 2, 64)
+    frozen = freeze_stages(model, "vit_b_32", 1)
+    assert not model.class_token.requires_grad and not model.encoder.pos_embedding.requires_grad
+    assert not model.conv_proj.weight.requires_grad and frozen == [model.conv_proj]
+    assert model.encoder.layers[0].ln_1.weight.requires_grad
