@@ -11,7 +11,7 @@ contract (a config naming the classifier, `reset_classifier`, parameter groups f
 - its stem variants and whether it takes one input size only.
 
 Two ways to give stages: by name, or as a `trunk` (a Sequential of blocks, e.g. MobileNet's
-`features`) whose first `stem` blocks are the stem and whose other blocks are grouped by the
+`features`) whose first `stem_blocks` are the stem and whose other blocks are grouped by the
 resolution they output (one stage per downsampling). The resolutions are read off a forward pass
 at 224 px on the meta device (shapes only, no memory or arithmetic). Layers outside the trunk
 that come before the head (`tail`, e.g. MobileNetV3's first classifier Linear) join the last stage.
@@ -146,8 +146,8 @@ class Architecture:
     head: str                  # dotted path of the classifier layer (a Linear, or SqueezeNet's 1x1 Conv2d)
     help: str                  # stages and Grad-CAM layer in words, for --help
     stages: tuple = ()         # stages by name: tuples of submodule or parameter names
-    trunk: str = ""            # ... or a Sequential of blocks: `stem` blocks, then one stage per resolution
-    stem: object = 1           # with a trunk: how many of its first blocks, or names outside it
+    trunk: str = ""            # ... or a Sequential of blocks: the stem, then one stage per resolution
+    stem_blocks: object = 1    # with a trunk: the stem is its first N blocks, or these names outside it
     per_block: bool = False    # a trunk of one resolution (ViT): each block is a stage
     tail: tuple = ()           # layers between the last stage and the head; they join the last stage
     cam_layer: str = ""        # default Grad-CAM layer; "" with a trunk: its last block at 1/16.
@@ -190,23 +190,23 @@ FAMILIES = (
     Architecture(_names("mobilenet_v3"), _torchvision, head="classifier.3", trunk="features", tail=("classifier.0",),
                  help=_CONV_BLOCKS.format(stem="features.0", trunk="features")
                  + ", classifier.0 (Linear) with the last; Grad-CAM: the last block at 1/16"),
-    Architecture(_names("mnasnet"), _torchvision, head="classifier.1", trunk="layers", stem=8,
+    Architecture(_names("mnasnet"), _torchvision, head="classifier.1", trunk="layers", stem_blocks=8,
                  help=_CONV_BLOCKS.format(stem="layers.0-7", trunk="layers") + "; Grad-CAM: the last block at 1/16"),
     Architecture(_names("convnext"), _torchvision, head="classifier.2", trunk="features", tail=("classifier.0",),
                  help=_CONV_BLOCKS.format(stem="features.0", trunk="features")
                  + ", classifier.0 (LayerNorm) with the last; Grad-CAM: the last block at 1/16"),
-    Architecture(_names("densenet"), _torchvision, head="classifier", trunk="features", stem=4,
+    Architecture(_names("densenet"), _torchvision, head="classifier", trunk="features", stem_blocks=4,
                  help=_CONV_BLOCKS.format(stem="conv0, norm0, relu0, pool0", trunk="features")
                  + "; Grad-CAM: the last block at 1/16"),
-    Architecture(_names("vgg"), _torchvision, head="classifier.6", trunk="features", stem=0,
+    Architecture(_names("vgg"), _torchvision, head="classifier.6", trunk="features", stem_blocks=0,
                  tail=("classifier.0", "classifier.3"),
                  help="features' layers grouped by resolution (each max-pool starts a stage), classifier.0 and .3 "
                       "(Linear) with the last; Grad-CAM: the last layer at 1/16"),
-    Architecture(_names("alexnet"), _torchvision, head="classifier.6", trunk="features", stem=0,
+    Architecture(_names("alexnet"), _torchvision, head="classifier.6", trunk="features", stem_blocks=0,
                  tail=("classifier.1", "classifier.4"),
                  help="features' layers grouped by resolution (each max-pool starts a stage), classifier.1 and .4 "
                       "(Linear) with the last; Grad-CAM: the last layer at 1/16; 63 px or more"),
-    Architecture(_names("squeezenet"), _torchvision, head="classifier.1", trunk="features", stem=0,
+    Architecture(_names("squeezenet"), _torchvision, head="classifier.1", trunk="features", stem_blocks=0,
                  help="features' layers grouped by resolution (each max-pool starts a stage); the head is a 1x1 "
                       "convolution; Grad-CAM: the last layer at 1/16"),
     Architecture(_names("googlenet"), _without_aux_heads, head="fc", aux_heads=("aux1.", "aux2."),
@@ -226,7 +226,7 @@ FAMILIES = (
                  help=_CONV_BLOCKS.format(stem="features.0, the patch embedding", trunk="features")
                  + ", norm with the last; Grad-CAM: the last block at 1/16"),
     Architecture(_names("vit"), _sized("image_size"), head="heads.head", trunk="encoder.layers",
-                 stem=("conv_proj", "class_token", "encoder.pos_embedding"), per_block=True, tail=("encoder.ln",),
+                 stem_blocks=("conv_proj", "class_token", "encoder.pos_embedding"), per_block=True, tail=("encoder.ln",),
                  cam_layer="{last}.ln_1", cam_layout="tokens", fixed_size=True,
                  help="the patch embedding (conv_proj, class token, position embedding), then each encoder block; "
                       "Grad-CAM: the last block's ln_1; built for --image-size, a multiple of its patch size"),
@@ -344,7 +344,7 @@ def _forward_problem(model, size):
 @contextlib.contextmanager
 def meta_device():
     """Build models on the meta device: shapes without memory or initialisation, so that any
-    model, however large, can be analysed (stages, FLOPs) in a fraction of a second. RegNet's
+    model, however large, can be analysed (stages, FLOPs) in about a second. RegNet's
     builder computes its stage widths with tensors and reads them back (.tolist()), which meta
     tensors cannot; that arithmetic runs on the CPU."""
     from torchvision.models.regnet import BlockParams
@@ -395,11 +395,11 @@ def stage_names(name):
     else:
         model, sides = _reference(name)
         blocks = [key for key, _ in model.get_submodule(family.trunk).named_children()]
-        if isinstance(family.stem, tuple):  # the stem lies outside the trunk
-            stages, rest = [list(family.stem)], blocks
+        if isinstance(family.stem_blocks, tuple):  # the stem lies outside the trunk
+            stages, rest = [list(family.stem_blocks)], blocks
         else:
-            stem = [f"{family.trunk}.{key}" for key in blocks[:family.stem]]
-            stages, rest = ([stem] if stem else []), blocks[family.stem:]
+            stem = [f"{family.trunk}.{key}" for key in blocks[:family.stem_blocks]]
+            stages, rest = ([stem] if stem else []), blocks[family.stem_blocks:]
         levels = []  # the resolution level each stage outputs
         for index, key in enumerate(rest):
             level = index if family.per_block else _level(sides[key])
