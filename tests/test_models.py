@@ -13,6 +13,7 @@ from lib import cam
 from lib.checkpoint import FORMAT, file_hash, load_checkpoint
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
+from lib.flops import inference_flops
 from lib.models import (MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, meta_device,
                         replace_head, stage_names, stages)
 from lib.transfer import freeze_stages
@@ -40,16 +41,17 @@ def test_the_registry_holds_every_torchvision_classification_model():
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_builds_runs_and_names_its_stages_head_and_cam_layer(name):
     with meta_device():
-        model = build_model(name, 3, SIZE).eval()
+        model = build_model(name, 3, SIZE)
         replace_head(model, name, 5)
-    captured = {}
-    layer = model.get_submodule(default_cam_layer(name))
-    layer.register_forward_hook(lambda module, inputs, output: captured.setdefault("map", output))
-    with torch.no_grad():
-        logits = model(torch.empty(2, 3, SIZE, SIZE, device="meta"))
-    assert logits.shape == (2, 5), "the replaced head is the one that classifies"
+    # One forward pass, the one lib.flops counts, with the head's and the Grad-CAM layer's outputs kept.
+    outputs = {}
+    for key, path in (("logits", head_name(name)), ("map", default_cam_layer(name))):
+        model.get_submodule(path).register_forward_hook(
+            lambda module, inputs, output, key=key: outputs.__setitem__(key, output))
+    assert inference_flops(model, SIZE) > 0
+    assert outputs["logits"].shape[:2] == (2, 5), "the replaced head is the one that classifies"
     reshape = cam_reshape(name)
-    cam_map = reshape(captured["map"]) if reshape else captured["map"]
+    cam_map = reshape(outputs["map"]) if reshape else outputs["map"]
     assert cam_map.dim() == 4 and cam_map.shape[0] == 2 and cam_map.shape[2] == cam_map.shape[3], cam_map.shape
     if architecture(name).cam_layout != "tokens":  # ViT's one resolution is its patch grid
         assert SIZE // 32 < cam_map.shape[2] < SIZE, f"Grad-CAM layer at {cam_map.shape[2]} px of {SIZE}"
