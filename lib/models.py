@@ -158,6 +158,7 @@ class Architecture:
     size_multiple: int = 1     # --image-size must be a multiple of this ...
     size_reason: str = ""      # ... because of this
     aux_heads: tuple = ()      # state_dict prefixes of auxiliary heads the model is built without
+    fresh_head: bool = False   # replace torchvision's head initialisation by nn.Linear's (see build_model)
 
 
 def _names(prefix):
@@ -185,12 +186,14 @@ FAMILIES = (
     Architecture(_names("shufflenet_v2"), _torchvision, head="fc",
                  stages=(("conv1",), ("stage2",), ("stage3",), ("stage4", "conv5")), cam_layer="stage3",
                  help="conv1 (stem), stage2, stage3, stage4+conv5; Grad-CAM stage3 (1/16)"),
-    Architecture(_names("mobilenet_v2") + _names("efficientnet"), _torchvision, head="classifier.1", trunk="features",
+    Architecture(_names("mobilenet_v2"), _torchvision, head="classifier.1", trunk="features",
+                 help=_CONV_BLOCKS.format(stem="features.0", trunk="features") + "; Grad-CAM: the last block at 1/16"),
+    Architecture(_names("efficientnet"), _torchvision, head="classifier.1", trunk="features", fresh_head=True,
                  help=_CONV_BLOCKS.format(stem="features.0", trunk="features") + "; Grad-CAM: the last block at 1/16"),
     Architecture(_names("mobilenet_v3"), _torchvision, head="classifier.3", trunk="features", tail=("classifier.0",),
                  help=_CONV_BLOCKS.format(stem="features.0", trunk="features")
                  + ", classifier.0 (Linear) with the last; Grad-CAM: the last block at 1/16"),
-    Architecture(_names("mnasnet"), _torchvision, head="classifier.1", trunk="layers", stem_blocks=8,
+    Architecture(_names("mnasnet"), _torchvision, head="classifier.1", trunk="layers", stem_blocks=8, fresh_head=True,
                  help=_CONV_BLOCKS.format(stem="layers.0-7", trunk="layers") + "; Grad-CAM: the last block at 1/16"),
     Architecture(_names("convnext"), _torchvision, head="classifier.2", trunk="features", tail=("classifier.0",),
                  help=_CONV_BLOCKS.format(stem="features.0", trunk="features")
@@ -289,12 +292,20 @@ def build_model(name, num_classes, image_size=64, stem=None):
     MobileNetV3-Small, 10 epochs on the 420 landmark target images, training accuracy 0.82:
     validation accuracy 0.50 at loss 0.693 with 0.01, 0.84 at loss 0.48 with 0.1). Momentum is
     not a weight: checkpoints are unaffected.
+
+    EfficientNet and MNASNet get a fresh head (PyTorch's nn.Linear initialisation, as
+    replace_head gives): torchvision scales theirs by 1/sqrt(num_classes), right for ImageNet's
+    1000 classes but 25-44x nn.Linear's spread for 2 classes, whose huge first logits kept
+    EfficientNet-B0 at chance (10 epochs on the 420 target images: training loss 4.2 to 1.4,
+    validation accuracy 0.50).
     """
     family = architecture(name)
     multiple, reason = _size_multiple(name)
     if image_size % multiple:
         raise UserError(f"--image-size {image_size}: {name} needs a multiple of {multiple} px ({reason})")
     model = family.build(name, num_classes, image_size, resolve_stem(name, image_size, stem))
+    if family.fresh_head:
+        replace_head(model, name, num_classes)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm2d):
             module.momentum = BATCHNORM_MOMENTUM
@@ -357,13 +368,18 @@ def meta_device():
         yield
 
 
+def reference_model(name):
+    """`name` for 2 classes at the reference size (224 px) on the meta device, built once and
+    shared: for reading its structure, never for training (copy it to change it)."""
+    return _reference(name)[0]
+
+
 @functools.cache
 def _reference(name):
-    """The model at the reference size on the meta device (shapes without memory or arithmetic),
-    and {trunk block name: the spatial side it outputs there}."""
+    """reference_model(name), and {trunk block name: the spatial side it outputs there}."""
     family = architecture(name)
     with meta_device():
-        model = family.build(name, 2, REFERENCE_SIZE, resolve_stem(name, REFERENCE_SIZE))
+        model = build_model(name, 2, REFERENCE_SIZE)
     sides = {}
     if family.trunk and not family.per_block:
         axis = 1 if family.cam_layout == "NHWC" else 2

@@ -39,8 +39,9 @@ def add_transfer_args(parser, sweep):
     parser.add_argument("--source", required=True, help="checkpoint to start from (train.py's best.pt)")
     cli.add_data_args(parser, image_size=False)
     parser.add_argument("--freeze", nargs="+" if sweep else None, default=DEFAULT_FREEZE if sweep else DEFAULT_FREEZE[0],
-                        metavar="K", help="how many stages to freeze, input side first: 0 fine-tunes everything, "
-                                          "'all' trains only the head" + ("; several values run a sweep" if sweep else ""))
+                        metavar="K", help="how many stages to freeze, input side first (train.py --help lists each "
+                                          "model's): 0 fine-tunes everything, 'all' trains only the head"
+                                          + ("; several values run a sweep" if sweep else ""))
     training = cli.add_training_args(parser, RECIPE)
     training.add_argument("--lr-backbone", type=cli.positive_float, default=RECIPE.lr_backbone,
                           help="learning rate of the unfrozen stages (None: the same as --lr)")

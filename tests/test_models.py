@@ -1,5 +1,6 @@
 """Every architecture by name: what each record promises, six device-sized models through the
 whole pipeline, a torchvision state_dict as the starting point (--weights), one-line refusals."""
+import copy
 import csv
 import json
 
@@ -15,7 +16,7 @@ from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.flops import inference_flops
 from lib.models import (MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, meta_device,
-                        replace_head, stage_names, stages)
+                        reference_model, replace_head, stage_names, stages)
 from lib.transfer import freeze_stages
 from lib.weights import load_weights
 
@@ -23,7 +24,7 @@ from lib.weights import load_weights
 # for a network without BatchNorm (LayerNorm, GELU, stochastic depth).
 PIPELINE_MODELS = ["mobilenet_v3_small", "mobilenet_v3_large", "shufflenet_v2_x1_0", "efficientnet_b0",
                    "regnet_y_400mf", "convnext_tiny"]
-SIZE = 224  # on the meta device a forward pass costs no arithmetic; every model runs at 224 px
+SIZE = 224  # lib.models' reference size, at which every model runs
 
 
 def _parameter_names(model, dotted):
@@ -40,9 +41,7 @@ def test_the_registry_holds_every_torchvision_classification_model():
 
 @pytest.mark.parametrize("name", list(MODELS))
 def test_every_model_builds_runs_and_names_its_stages_head_and_cam_layer(name):
-    with meta_device():
-        model = build_model(name, 3, SIZE)
-        replace_head(model, name, 5)
+    model = replace_head(copy.deepcopy(reference_model(name)), name, 5)  # on the meta device, at 224 px
     # One forward pass, the one lib.flops counts, with the head's and the Grad-CAM layer's outputs kept.
     outputs = {}
     for key, path in (("logits", head_name(name)), ("map", default_cam_layer(name))):
@@ -82,8 +81,8 @@ def test_a_model_that_cannot_run_at_the_size_is_refused_in_one_line(demo_data, t
                     "--image-size 40: vit_b_16 needs a multiple of 16 px")
     _one_line_error(train("--model", "inception_v3"), "--image-size 64: inception_v3 cannot run on 64 px images (")
     # Progressive resizing would start below what the model takes: the flag and a size that works.
-    _one_line_error(train("--model", "alexnet", "--image-size", "80", "--epochs", "4"),
-                    "--min-size 32: alexnet cannot run on 32 px images (", "; use --min-size 64 or 0")
+    _one_line_error(train("--model", "inception_v3", "--image-size", "96", "--epochs", "4"),
+                    "--min-size 32: inception_v3 cannot run on 32 px images (", "; use --min-size 80 or 0")
     assert not (tmp_path / "run" / "last.pt").exists(), "refused before training"
 
 
@@ -197,15 +196,15 @@ def test_weights_that_do_not_fit_name_the_first_tensor_that_differs(imagenet_lik
 
 
 def test_resume_refuses_another_weights_file(imagenet_like_weights, demo_data, tmp_path):
-    other = torchvision.models.resnet18(weights=None, num_classes=10).state_dict()
+    other = torchvision.models.mobilenet_v3_small(weights=None, num_classes=10).state_dict()
     torch.save(other, tmp_path / "other.pth")
-    common = ["--data", demo_data, "--task", "target", "--model", "resnet18", "--image-size", "32",
+    common = ["--data", demo_data, "--task", "target", "--model", "mobilenet_v3_small", "--image-size", "32",
               "--batch-size", "40", "--epochs", "1", "--out", tmp_path / "run"]
-    run_main("train.py", *common, "--weights", imagenet_like_weights["resnet18"])
+    run_main("train.py", *common, "--weights", imagenet_like_weights["mobilenet_v3_small"])
     last = load_checkpoint(tmp_path / "run" / "last.pt")
-    assert last["lineage"]["weights_sha256"] == file_hash(imagenet_like_weights["resnet18"])
+    assert last["lineage"]["weights_sha256"] == file_hash(imagenet_like_weights["mobilenet_v3_small"])
     _one_line_error(run_main("train.py", *common, "--weights", tmp_path / "other.pth", "--resume", check=False),
-                    "--resume:", "different --weights (it had --weights ", "resnet18.pth)")
+                    "--resume:", "different --weights (it had --weights ", "mobilenet_v3_small.pth)")
     _one_line_error(run_main("train.py", *common, "--resume", check=False), "different --weights")
 
 
