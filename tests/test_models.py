@@ -231,3 +231,13 @@ def test_freezing_vit_s_first_stage_freezes_its_bare_parameters():
     assert not model.class_token.requires_grad and not model.encoder.pos_embedding.requires_grad
     assert not model.conv_proj.weight.requires_grad and frozen == [model.conv_proj]
     assert model.encoder.layers[0].ln_1.weight.requires_grad
+
+
+def test_short_runs_get_batchnorm_momentum_and_heads_that_suit_them():
+    """torchvision's MobileNetV3 and MNASNet BatchNorm momenta (0.01, 0.0003) and EfficientNet's and
+    MNASNet's head scale 1/sqrt(classes) suit ImageNet runs, not a few hundred steps on 2 classes."""
+    for name in ("mobilenet_v3_small", "mnasnet0_5", "efficientnet_b0"):
+        model = build_model(name, 2, 32)
+        momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+        head = model.get_submodule(head_name(name))
+        assert momenta == {0.1} and head.weight.std() <= 1 / head.in_features ** 0.5, name
