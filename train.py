@@ -1,6 +1,8 @@
 """Train an image classifier on one task of a dataset, from scratch or from a state_dict you have.
 
 Example: python train.py --data ../shared/data/landmarks --task source --out runs/source
+From weights you have: python train.py --data photos --model mobilenet_v3_small --weights mnv3s.pth \
+    --mean 0.485 0.456 0.406 --std 0.229 0.224 0.225 --image-size 128 --out runs/mnv3s
 Writes OUT/best.pt, OUT/last.pt, OUT/metrics.csv and OUT/curves.png.
 """
 import torch
@@ -39,13 +41,13 @@ def get_args_parser():
 
 
 def main(args):
+    if (args.mean is None) != (args.std is None):
+        raise UserError("--mean and --std: give both (the statistics the weights were trained with) or neither")
     device = distributed.pick_device(args.device)
     distributed.setup(device)
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
     train = load_split(args.data, "train", args.task, args.image_size, args.skip_bad_images)
     val = load_split(args.data, "val", args.task, args.image_size, args.skip_bad_images)
-    if (args.mean is None) != (args.std is None):
-        raise UserError("--mean and --std: give both (the statistics the weights were trained with) or neither")
     mean, std = (args.mean, args.std) if args.mean else channel_stats(train.images)
     torch.manual_seed(args.seed)
     stem = resolve_stem(args.model, args.image_size, args.stem)
