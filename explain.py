@@ -8,11 +8,11 @@ and prints each model's attention summary. Image size, mean, std and classes com
 from pathlib import Path
 
 from lib import cam, cli, distributed
-from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
+from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
 from lib.data import SPLITS, check_labels_in_classes
 from lib.errors import UserError
 from lib.files import write_json
-from lib.models import CAM_LAYER, default_cam_layer
+from lib.models import default_cam_layer
 
 
 def get_args_parser():
@@ -31,10 +31,10 @@ def get_args_parser():
     group.add_argument("--method", choices=list(cam.METHODS), default="gradcam", help="CAM method")
     group.add_argument("--target-class",
                        help="class name or index whose map to draw; if not given, each image's predicted class")
-    defaults = ", ".join(f"{family}: {layer}" for family, layer in CAM_LAYER.items())
     group.add_argument("--layer", nargs="+", metavar="NAME",
                        help="target layer(s) by module name, dotted for inner ones (e.g. layer4.1); several "
-                            f"are averaged; if not given, the model's own ({defaults})")
+                            "are averaged; if not given, the model's own (train.py --help lists them; "
+                            "e.g. layer3 for ResNets, the last block at 1/16 resolution for MobileNets)")
     group.add_argument("--sanity", action="store_true",
                        help="also correlate the maps with those of the same model re-initialised "
                             "(Adebayo et al. 2018); near 0 is good")
@@ -61,7 +61,7 @@ def main(args):
     explanations = []
     for i, (path, checkpoint) in enumerate(zip(paths, checkpoints)):
         label = f"{'AB'[i]}: " if args.compare else ""
-        model = model_from_checkpoint(checkpoint, where=f"checkpoint {path}")
+        model = build_from_checkpoint(checkpoint, where=f"checkpoint {path}")
         layers = args.layer or [default_cam_layer(checkpoint["model"])]
         explanations.append(cam.explain_checkpoint(
             label, {"checkpoint": str(path), "sha256": file_hash(path)}, checkpoint, model, split.images,

@@ -18,7 +18,7 @@ from pathlib import Path
 import onnxruntime
 
 from lib import cli
-from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
+from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.flops import inference_flops
@@ -119,7 +119,7 @@ def main(args):
         raise UserError("--verify-split train: --quantize calibrates on the train split, and a gate scored on the "
                         "calibration images would flatter the int8 model; verify on another split (default val)")
     checkpoint = load_checkpoint(args.checkpoint)
-    network = model_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}")
+    network = build_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}")
     images, labels, source = reference_images(checkpoint, args.verify_data, args.verify_split, args.synthetic_verify)
     gflop = inference_flops(network, checkpoint["image_size"]) / 1e9
     metadata = model_metadata(checkpoint, file_hash(args.checkpoint), args.raw_logits, args.opset, source, gflop)

@@ -63,7 +63,7 @@ def main(args):
             print(f"freeze {label} of {stage_count(model_name)} stages: "
                   f"{transfer.trainable_params(model):,} trainable parameters -> {run_dir}")
         fit(model, train, val, describe=describe, config=config, out=run_dir, device=device,
-            seed=args.seed, param_groups=transfer.param_groups(model, args.lr_backbone),
+            seed=args.seed, param_groups=transfer.param_groups(model, model_name, args.lr_backbone),
             frozen_modules=frozen, resume=resume)
         if distributed.is_main():
             row, histories[label] = transfer.run_summary(label, model, run_dir)

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from lib.augment import normalize
+from lib.checkpoint import build_from_checkpoint
 from lib.data import Split, load_split
 from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.images import decode_image
-from lib.models import build_model
+from lib.models import cam_reshape
 from lib.plots import plt, save_figure
 
 # --method name -> class name in pytorch_grad_cam, which is imported on use: it pulls in OpenCV
@@ -80,15 +81,18 @@ def class_index(target_class, classes):
     raise UserError(f"--target-class {target_class}: not a class name or index ({listed})")
 
 
-def compute_heatmaps(model, images, mean, std, device, method, layer_names, targets, batch_size=32):
-    """Heatmaps (N, H, W) in [0, 1] of uint8 images, each for its class in `targets`."""
+def compute_heatmaps(model, images, mean, std, device, method, layer_names, targets, batch_size=32, reshape=None):
+    """Heatmaps (N, H, W) in [0, 1] of uint8 images, each for its class in `targets`.
+
+    reshape: turns the layers' outputs into (N, C, H, W) maps where they are not (lib.models.cam_reshape).
+    """
     if method not in METHODS:
         raise UserError(f"--method {method}: choose from {', '.join(METHODS)}")
     layers = resolve_layers(model, layer_names)
     import pytorch_grad_cam
 
     model.to(device).eval()
-    cam = getattr(pytorch_grad_cam, METHODS[method])(model=model, target_layers=layers)
+    cam = getattr(pytorch_grad_cam, METHODS[method])(model=model, target_layers=layers, reshape_transform=reshape)
     cam.batch_size = batch_size  # ScoreCAM's masked-input batch; the other methods ignore it
     maps = []
     try:
@@ -159,10 +163,9 @@ def map_correlations(maps_a, maps_b):
 def sanity_check(checkpoint, heatmaps, images, targets, method, layer_names, device, seed):
     """Correlation of the trained model's maps with those of a freshly initialised copy."""
     torch.manual_seed(seed)
-    random_model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"],
-                               checkpoint.get("stem"))
+    random_model = build_from_checkpoint(checkpoint, load_weights=False)
     random_maps = compute_heatmaps(random_model, images, checkpoint["mean"], checkpoint["std"], device,
-                                   method, layer_names, targets)
+                                   method, layer_names, targets, reshape=cam_reshape(checkpoint["model"]))
     pearson, spearman = map_correlations(heatmaps, random_maps)
     defined = ~np.isnan(pearson)
     return {"images": len(pearson), "undefined": int((~defined).sum()),
@@ -191,7 +194,8 @@ def explain_checkpoint(label, source, checkpoint, model, images, device, method,
     mean, std = checkpoint["mean"], checkpoint["std"]
     probs = predict_probs(model.to(device), images, mean, std, device)
     targets = probs.argmax(1) if target is None else torch.full((len(images),), target)
-    heatmaps = compute_heatmaps(model, images, mean, std, device, method, layer_names, targets)
+    heatmaps = compute_heatmaps(model, images, mean, std, device, method, layer_names, targets,
+                                reshape=cam_reshape(checkpoint["model"]))
     per_image, summary = attention_stats(heatmaps)
     sanity = None if sanity_seed is None else sanity_check(
         checkpoint, heatmaps, images, targets, method, layer_names, device, sanity_seed)

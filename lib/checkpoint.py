@@ -3,7 +3,8 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 torch.load(path, weights_only=True): a file that would run code on load is refused.
 Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes,
-image_size, mean, std, args, epoch, metrics, state_dict; lineage for transferred models;
+image_size, mean, std, args, epoch, metrics, state_dict; lineage for transferred models
+(lib.transfer) and those started from a weights file (lib.weights);
 selection in OUT/model.pt (which rule chose it). OUT/last.pt adds history and `training`, the
 state a resumed run continues from (training_state / restore_training_state).
 
@@ -20,7 +21,7 @@ import torch
 
 from lib.errors import UserError
 from lib.files import atomic_write
-from lib.models import build_model, stems_of
+from lib.models import MODELS, build_model, stems_of
 
 FORMAT = "landmark-classification/2"
 READABLE = (FORMAT, "landmark-classification/1")
@@ -64,18 +65,24 @@ def file_hash(path):
     return digest.hexdigest()
 
 
-def model_from_checkpoint(checkpoint, where="checkpoint"):
-    """Rebuild the network a checkpoint describes and load its weights (eval mode)."""
+def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
+    """The network a checkpoint describes (model, stem, classes, image size) in eval mode, with its
+    weights; load_weights=False gives a fresh initialisation of the same network (Grad-CAM's
+    sanity check). Every rebuild goes through here, so none can forget a part of the description."""
+    name = checkpoint["model"]
+    if name not in MODELS:
+        raise UserError(f"{where}: model {name!r} is not one this project builds")
     stem = checkpoint.get("stem")
-    if stem not in (None, *stems_of(checkpoint["model"])):
-        raise UserError(f"{where}: weights do not fit model {checkpoint['model']!r} (its stem {stem!r} is none "
-                        f"of {', '.join(stems_of(checkpoint['model']))})")
-    model = build_model(checkpoint["model"], len(checkpoint["classes"]), checkpoint["image_size"], stem)
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise UserError(f"{where}: weights do not fit model {checkpoint['model']!r} "
-                        f"({str(error).splitlines()[0]})") from None
+    if stem not in (None, *stems_of(name)):
+        raise UserError(f"{where}: weights do not fit model {name!r} (its stem {stem!r} is none "
+                        f"of {', '.join(stems_of(name))})")
+    model = build_model(name, len(checkpoint["classes"]), checkpoint["image_size"], stem)
+    if load_weights:
+        try:
+            model.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as error:
+            raise UserError(f"{where}: weights do not fit model {name!r} "
+                            f"({str(error).splitlines()[0]})") from None
     return model.eval()
 
 
@@ -140,6 +147,7 @@ RESUME_MUST_MATCH = (
     ("--data", lambda run: data_location(_arg("data")(run))),
     ("--source", _lineage("source_sha256")),
     ("--freeze", _lineage("frozen_stages")),
+    ("--weights", _lineage("weights_sha256")),
     ("--epochs", _arg("epochs")),
     ("--batch-size", _arg("batch_size")),
     ("--min-size", _arg("min_size")),
@@ -158,16 +166,16 @@ RESUME_MUST_MATCH = (
     ("--seed", _arg("seed")),
 )
 # A transferred run takes these from its --source checkpoint: there they are --source's to answer for.
-FROM_SOURCE = {"--model": "--source", "--stem": "--source", "--image-size": "--source"}
+FROM_SOURCE = {"--model": "--source", "--stem": "--source", "--image-size": "--source", "--weights": "--source"}
 # How the old value is shown, where the compared value is not what the user typed.
-SHOWN = {"--data": _arg("data"), "--source": _lineage("source")}
+SHOWN = {"--data": _arg("data"), "--source": _lineage("source"), "--weights": _lineage("weights")}
 
 
 def resume_mismatches(saved, describe):
     """The flags whose values differ between the run in `saved` (last.pt) and this command line.
 
     describe is the new run's checkpoint description (with its args)."""
-    transferred = "lineage" in describe
+    transferred = "source" in (describe.get("lineage") or {})
     flags = [FROM_SOURCE.get(flag, flag) if transferred else flag
              for flag, value in RESUME_MUST_MATCH if value(saved) != value(describe)]
     flags = list(dict.fromkeys(flags))

@@ -18,9 +18,13 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def make_parser(doc):
-    return Parser(description=doc.strip().splitlines()[0] if doc else None,
-                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults shown after each option; the epilog keeps its own line breaks (a table)."""
+
+
+def make_parser(doc, epilog=None):
+    return Parser(description=doc.strip().splitlines()[0] if doc else None, epilog=epilog,
+                  formatter_class=HelpFormatter)
 
 
 def positive_int(text):

@@ -120,7 +120,8 @@ def run_fold(fold, train, val, heldout, *, source, source_path, k, describe, rec
         heldout_probs[epoch] = predict_probs(evaluated, heldout.images, mean, std, device)
 
     history = fit(model, train, val, describe=describe, config=replace(recipe, patience=None, eval_every=1),
-                  out=out, device=device, seed=seed, param_groups=transfer.param_groups(model, recipe.lr_backbone),
+                  out=out, device=device, seed=seed,
+                  param_groups=transfer.param_groups(model, describe["model"], recipe.lr_backbone),
                   frozen_modules=frozen, monitor=monitor)
     epochs = sorted(heldout_probs)
     heldout_tflop = len(epochs) * len(heldout) * flops.inference_flops(model, describe["image_size"]) / 1e12

@@ -124,19 +124,25 @@ class ComputeCounter:
         return train_images * self.train_per_image[size] + val_images * self.eval_per_image
 
 
-def _forward_error(model, frozen_modules, batch, size, train):
-    """The first line of the error a forward pass of zeros raises on a scratch copy, or None."""
+def _scratch_copy(model, frozen_modules):
+    """A CPU float32 copy to try forward passes on, with its frozen stages found again in it."""
     names = {id(module): name for name, module in model.named_modules()}
     scratch = copy.deepcopy(model).cpu().float()
+    return scratch, [scratch.get_submodule(names[id(module)]) for module in frozen_modules]
+
+
+def _forward_error(scratch, frozen_modules, batch, size, train):
+    """The first line of the error a forward pass of zeros raises on `scratch`, or None.
+    Some torchvision models check their input with assert, hence AssertionError."""
     if train:
-        set_train_mode(scratch, [scratch.get_submodule(names[id(module)]) for module in frozen_modules])
+        set_train_mode(scratch, frozen_modules)
     else:
         scratch.eval()
     try:
         with torch.no_grad():
             scratch(torch.zeros(batch, 3, size, size))
-    except (RuntimeError, ValueError) as error:
-        return str(error).strip().splitlines()[0]
+    except (RuntimeError, ValueError, AssertionError) as error:
+        return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return None
 
 
@@ -145,19 +151,20 @@ def check_input_sizes(model, frozen_modules, name, config, image_size, smallest_
     at the image size (eval), at the smallest progressive-resizing size (training, 2 images)
     and with the smallest batch (training: BatchNorm needs more than one value per channel).
     The smallest workable --min-size is found the same way, so no per-model table is needed."""
+    scratch, frozen = _scratch_copy(model, frozen_modules)
     smallest = train_size(1, config.epochs, config.min_size, image_size)
-    error = _forward_error(model, frozen_modules, 1, image_size, train=False)
+    error = _forward_error(scratch, frozen, 1, image_size, train=False)
     if error:
-        raise UserError(f"--image-size {image_size}: too small for {name} ({error})")
-    error = _forward_error(model, frozen_modules, 2, smallest, train=True)
+        raise UserError(f"--image-size {image_size}: {name} cannot run on {image_size} px images ({error})")
+    error = _forward_error(scratch, frozen, 2, smallest, train=True)
     if error and smallest < image_size:
         works = next((size for size in range(smallest + 1, image_size)
-                      if not _forward_error(model, frozen_modules, 2, size, train=True)), image_size)
-        raise UserError(f"--min-size {config.min_size}: {name} cannot train on {smallest} px images ({error}); "
+                      if not _forward_error(scratch, frozen, 2, size, train=True)), image_size)
+        raise UserError(f"--min-size {config.min_size}: {name} cannot run on {smallest} px images ({error}); "
                         f"use --min-size {works} or more, or 0 (no progressive resizing)")
     if error:
         raise UserError(f"--image-size {image_size}: {name} cannot train at this size ({error})")
-    error = smallest_batch < 2 and _forward_error(model, frozen_modules, smallest_batch, smallest, train=True)
+    error = smallest_batch < 2 and _forward_error(scratch, frozen, smallest_batch, smallest, train=True)
     if error:
         per_process = f" ({smallest_batch} per process)" if distributed.world_size() > 1 else ""
         raise UserError(f"--batch-size {config.batch_size}: {name} cannot train on batches of one image{per_process} "

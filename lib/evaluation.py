@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lib.checkpoint import load_checkpoint, model_from_checkpoint
+from lib.checkpoint import build_from_checkpoint, load_checkpoint
 from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.files import write_csv
@@ -22,7 +22,7 @@ N_RESAMPLES = 1000
 class TorchPredictor:
     def __init__(self, path, device):
         checkpoint = load_checkpoint(path)
-        self.model = model_from_checkpoint(checkpoint, where=f"--checkpoint {path}").to(device)
+        self.model = build_from_checkpoint(checkpoint, where=f"--checkpoint {path}").to(device)
         self.classes = list(checkpoint["classes"])
         self.image_size = checkpoint["image_size"]
         self.task = checkpoint.get("task")

@@ -14,11 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 _BATCH = 2  # BatchNorm in training mode needs more than one image
 
 
-def _plain_copy(model):
-    """A CPU float32 copy to count on, with any SyncBatchNorm (torchrun --sync-bn) turned back
-    into BatchNorm2d: SyncBatchNorm cannot run on CPU inside a process group, and both count
+def _plain_copy(model, device):
+    """A float32 copy on `device` to count on, with any SyncBatchNorm (torchrun --sync-bn) turned
+    back into BatchNorm2d: SyncBatchNorm cannot run on CPU inside a process group, and both count
     the same (element-wise work is not counted)."""
-    scratch = copy.deepcopy(model).cpu().float()
+    scratch = copy.deepcopy(model).to(device).float()
     for name, module in list(scratch.named_modules()):
         if isinstance(module, torch.nn.SyncBatchNorm):
             plain = torch.nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
@@ -36,18 +36,26 @@ def _count(run):
     return counter.get_total_flops() / _BATCH
 
 
+def _device(model):
+    """Counted on the CPU, or on the meta device for a model built there (lib.models.meta_device):
+    the count depends on shapes only."""
+    return torch.device("meta") if next(model.parameters()).is_meta else torch.device("cpu")
+
+
 def training_flops(model, image_size, num_classes):
     """FLOPs of one training image: forward and backward as the model is set up (frozen
     stages at the input side need no backward, so they cost a forward only)."""
-    scratch = _plain_copy(model).train()
-    x = torch.zeros(_BATCH, 3, image_size, image_size)
-    y = torch.zeros(_BATCH, dtype=torch.int64) % num_classes
+    device = _device(model)
+    scratch = _plain_copy(model, device).train()
+    x = torch.zeros(_BATCH, 3, image_size, image_size, device=device)
+    y = torch.zeros(_BATCH, dtype=torch.int64, device=device) % num_classes
     return _count(lambda: F.cross_entropy(scratch(x), y).backward())
 
 
 def inference_flops(model, image_size):
     """FLOPs of classifying one image (eval mode, forward only)."""
-    scratch = _plain_copy(model).eval()
-    x = torch.zeros(_BATCH, 3, image_size, image_size)
+    device = _device(model)
+    scratch = _plain_copy(model, device).eval()
+    x = torch.zeros(_BATCH, 3, image_size, image_size, device=device)
     with torch.no_grad():
         return _count(lambda: scratch(x))

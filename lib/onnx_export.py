@@ -67,8 +67,10 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verificatio
     """The model's metadata_props: strings, JSON where a value is not one.
 
     verification_images: where the images the export is verified on come from (data, split, count).
-    The stem names the exact network (lib.models.resolve_stem; a max-pool has no weights).
+    The stem names the exact network (lib.models.resolve_stem; a max-pool has no weights);
+    weights names the state_dict file training started from (lib.weights), null for random weights.
     """
+    lineage = checkpoint.get("lineage") or {}
     return {
         "format": METADATA_FORMAT,
         "classes": json.dumps(list(checkpoint["classes"])),
@@ -81,6 +83,8 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verificatio
         "stem": resolve_stem(checkpoint["model"], checkpoint["image_size"], checkpoint.get("stem")),
         "gflop_per_image": f"{gflop_per_image:.4f}",
         "source_checkpoint_sha256": checkpoint_sha256,
+        "weights": json.dumps({"path": lineage["weights"], "sha256": lineage["weights_sha256"]}
+                              if "weights" in lineage else None),
         "opset": str(opset),
         "min_onnxruntime": RUNTIME_FOR_OPSET[opset],
         "verification_images": json.dumps(verification_images),

@@ -1,9 +1,10 @@
 """Transfer learning: a source checkpoint's network with a new head, its first stages frozen.
 
-What a "stage" is per model is defined in lib.models.STAGES (ResNets: the stem conv1+bn1, then
-layer1..layer4; cnn3: its three convolutions). Freezing K stages turns off gradients for their
-parameters and keeps them in eval mode during training (lib.engine.fit's frozen_modules), so
-their BatchNorm running statistics stay those of the source task. `--freeze all` freezes every
+What a "stage" is per model is defined in lib.models (ResNets: the stem conv1+bn1, then
+layer1..layer4; MobileNets: the stem, then one stage per resolution; cnn3: its three
+convolutions). Freezing K stages turns off gradients for their parameters and keeps them in eval
+mode during training (lib.engine.fit's frozen_modules), so their BatchNorm running statistics
+stay those of the source task. `--freeze all` freezes every
 stage: only the head trains (a linear probe).
 
 Preprocessing travels with the weights: the target checkpoint keeps the source's image size,
@@ -14,11 +15,12 @@ from pathlib import Path
 import torch
 
 from lib import cli
-from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint
+from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
 from lib.recipe import TrainConfig
 from lib.errors import UserError
 from lib.files import write_csv
-from lib.models import HEAD, MODELS, replace_head, resolve_stem, stage_count, stages
+from lib.models import head_name, replace_head, resolve_stem, stage_count, stages
+from lib.weights import WEIGHTS_LINEAGE
 
 # The recommended transfer recipe: transfer.py's defaults. Tune it here, nowhere else.
 # Measured on the landmarks (README): with fastnet, freezing the stem only, the standard
@@ -39,8 +41,9 @@ def add_transfer_args(parser, sweep):
     parser.add_argument("--source", required=True, help="checkpoint to start from (train.py's best.pt)")
     cli.add_data_args(parser, image_size=False)
     parser.add_argument("--freeze", nargs="+" if sweep else None, default=DEFAULT_FREEZE if sweep else DEFAULT_FREEZE[0],
-                        metavar="K", help="how many stages to freeze, input side first: 0 fine-tunes everything, "
-                                          "'all' trains only the head" + ("; several values run a sweep" if sweep else ""))
+                        metavar="K", help="how many stages to freeze, input side first (train.py --help lists each "
+                                          "model's): 0 fine-tunes everything, 'all' trains only the head"
+                                          + ("; several values run a sweep" if sweep else ""))
     training = cli.add_training_args(parser, RECIPE)
     training.add_argument("--lr-backbone", type=cli.positive_float, default=RECIPE.lr_backbone,
                           help="learning rate of the unfrozen stages (None: the same as --lr)")
@@ -49,10 +52,7 @@ def add_transfer_args(parser, sweep):
 def load_source(path):
     """The source checkpoint, checked to rebuild; any problem is a UserError naming --source."""
     checkpoint = load_checkpoint(path)
-    if checkpoint["model"] not in MODELS:
-        raise UserError(f"--source {path}: model {checkpoint['model']!r} is not one this project "
-                        f"builds ({', '.join(MODELS)})")
-    model_from_checkpoint(checkpoint, where=f"--source {path}")
+    build_from_checkpoint(checkpoint, where=f"--source {path}")
     return checkpoint
 
 
@@ -78,28 +78,31 @@ def freeze_label(k, model_name):
 
 
 def freeze_stages(model, model_name, k):
-    """Turn off gradients for the first k stages; return their modules (to keep in eval mode)."""
-    frozen = [module for stage in stages(model, model_name)[:k] for module in stage]
+    """Turn off gradients for the first k stages; return their modules (to keep in eval mode).
+    A stage may hold bare parameters too (ViT's class token and position embedding)."""
+    parts = [part for stage in stages(model, model_name)[:k] for part in stage]
+    frozen = [part for part in parts if isinstance(part, torch.nn.Module)]
     for module in frozen:
         module.eval()
-        for parameter in module.parameters():
+    for part in parts:
+        for parameter in part.parameters() if isinstance(part, torch.nn.Module) else [part]:
             parameter.requires_grad_(False)
     return frozen
 
 
 def build_target(source, source_path, num_classes, k, seed):
     """A fresh copy of the source network with a new head and the first k stages frozen."""
-    model = model_from_checkpoint(source, where=f"--source {source_path}")
+    model = build_from_checkpoint(source, where=f"--source {source_path}")
     torch.manual_seed(seed)
-    replace_head(model, num_classes)
+    replace_head(model, source["model"], num_classes)
     return model, freeze_stages(model, source["model"], k)
 
 
-def param_groups(model, lr_backbone):
+def param_groups(model, model_name, lr_backbone):
     """None (one group, the recipe's lr) or backbone at lr_backbone and the head at the base lr."""
     if lr_backbone is None:
         return None
-    head = list(getattr(model, HEAD).parameters())
+    head = list(model.get_submodule(head_name(model_name)).parameters())
     head_ids = {id(p) for p in head}
     backbone = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
     # The head goes last: the engine logs the last group's learning rate.
@@ -117,7 +120,10 @@ def lineage(source_path, k, model_name):
 
 
 def target_describe(source, task, classes, args, lineage_entry):
-    """The target checkpoint's description: the source's preprocessing, the target's classes."""
+    """The target checkpoint's description: the source's preprocessing, the target's classes, and
+    the weights file the source started from (lib.weights) if it did."""
+    started_from = {k: v for k, v in (source.get("lineage") or {}).items() if k in WEIGHTS_LINEAGE}
+    lineage_entry = {**started_from, **lineage_entry}
     return {"model": source["model"], "stem": resolve_stem(source["model"], source["image_size"], source.get("stem")),
             "task": task, "classes": list(classes),
             "image_size": source["image_size"], "mean": source["mean"], "std": source["std"],

@@ -19,7 +19,7 @@ import torch
 
 from conftest import REPO, float32_args
 from lib import distributed
-from lib.checkpoint import load_checkpoint, model_from_checkpoint
+from lib.checkpoint import build_from_checkpoint, load_checkpoint
 from lib.data import Split, load_split
 from lib.demo import CSV_COLUMNS, CSV_NAME
 from lib.engine import ComputeCounter, convert_sync_bn, fit, predict_probs, set_train_mode
@@ -57,7 +57,7 @@ def odd_data(demo_data, tmp_path_factory):
 
 def assert_logged_validation_is_one_process_evaluation(out, data):
     last = load_checkpoint(out / "last.pt")
-    model = model_from_checkpoint(last)
+    model = build_from_checkpoint(last)
     val = load_split(data, "val", "target", image_size=last["image_size"])
     assert len(val) % 2 == 1, "an even split would not show padding"
     probs = predict_probs(model, val.images, last["mean"], last["std"], torch.device("cpu"))

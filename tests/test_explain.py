@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import run_main, run_script
 from lib import cam
 from lib.augment import normalize
-from lib.checkpoint import FORMAT, file_hash, load_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
 from lib.data import load_split
 from lib.engine import predict_probs
 from lib.errors import UserError
@@ -22,7 +22,7 @@ CPU = torch.device("cpu")
 
 def test_heatmaps_have_the_image_size_lie_in_unit_range_and_release_hooks(source_run, demo_data):
     checkpoint = load_checkpoint(source_run / "best.pt")
-    model = model_from_checkpoint(checkpoint)
+    model = build_from_checkpoint(checkpoint)
     images = load_split(demo_data, "val", "source", checkpoint["image_size"]).images[:3]
     targets = predict_probs(model, images, checkpoint["mean"], checkpoint["std"], CPU).argmax(1)
     for method in cam.METHODS:

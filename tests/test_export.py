@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_main, run_script
-from lib.checkpoint import file_hash, load_checkpoint, model_from_checkpoint, save_checkpoint
+from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
 from lib.data import load_split
 from lib.edge import OnnxClassifier, read_metadata
 from lib.engine import predict_probs
@@ -93,7 +93,7 @@ def test_dynamic_batch_and_metadata_round_trip(cnn3_export, target_run, demo_dat
         assert [(o.domain, o.version) for o in model.opset_import] == [("", DEFAULT_OPSET)]
         assert read_metadata(path) == {p.key: p.value for p in model.metadata_props}
     images = load_split(demo_data, "val", "target").images[:7]
-    expected = predict_probs(model_from_checkpoint(checkpoint), images, checkpoint["mean"], checkpoint["std"],
+    expected = predict_probs(build_from_checkpoint(checkpoint), images, checkpoint["mean"], checkpoint["std"],
                              torch.device("cpu")).numpy()
     pixels = images.permute(0, 2, 3, 1).numpy()
     for batch in (1, 7):
@@ -111,7 +111,7 @@ def test_resnet18_raw_logits_export_is_verified(resnet18_export):
     classifier = OnnxClassifier(run / "model.onnx")
     assert classifier.metadata["output"] == "logits" and classifier.metadata["architecture"] == "resnet18"
     # The exact network: with torchvision's max-pool, a quarter of the no-max-pool variant's FLOPs.
-    network = model_from_checkpoint(load_checkpoint(run / "best.pt"))
+    network = build_from_checkpoint(load_checkpoint(run / "best.pt"))
     assert classifier.metadata["stem"] == "stock" and isinstance(network.maxpool, torch.nn.MaxPool2d)
     assert float(classifier.metadata["gflop_per_image"]) == pytest.approx(inference_flops(network, 64) / 1e9,
                                                                           abs=1e-4)
@@ -133,7 +133,7 @@ def test_predict_runs_without_torch_and_matches_pytorch(cnn3_export, target_run,
     result = run_script("predict.py", cnn3_export[0], *files, "--json", "--top-k", "2", env=env)
     predictions = json.loads(result.stdout)
     checkpoint = load_checkpoint(target_run / "best.pt")
-    probs = predict_probs(model_from_checkpoint(checkpoint), val.images, checkpoint["mean"], checkpoint["std"],
+    probs = predict_probs(build_from_checkpoint(checkpoint), val.images, checkpoint["mean"], checkpoint["std"],
                           torch.device("cpu"))
     expected = [checkpoint["classes"][i] for i in probs.argmax(1).tolist()]
     assert [p["file"] for p in predictions] == [str(f) for f in files]

@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import run_main, run_script
 from lib.augment import normalize
-from lib.checkpoint import load_checkpoint, model_from_checkpoint
+from lib.checkpoint import build_from_checkpoint, load_checkpoint
 from lib.data import load_split
 from lib.edge import OnnxClassifier
 from lib.engine import predict_probs
@@ -31,7 +31,7 @@ def exported(target_run, tmp_path_factory):
 def reference(target_run, demo_data):
     """PyTorch's logits and probabilities for the val split, and the split."""
     checkpoint = load_checkpoint(target_run / "best.pt")
-    model = model_from_checkpoint(checkpoint)
+    model = build_from_checkpoint(checkpoint)
     val = load_split(demo_data, "val", "target", checkpoint["image_size"])
     with torch.no_grad():
         logits = model(normalize(val.images.float() / 255, checkpoint["mean"], checkpoint["std"]))

@@ -11,7 +11,7 @@ import torch
 from conftest import run_main, run_script
 from lib import crossval, engine, flops
 from lib.augment import augment_batch
-from lib.checkpoint import FORMAT, load_checkpoint, model_from_checkpoint
+from lib.checkpoint import FORMAT, build_from_checkpoint, load_checkpoint
 from lib.data import Split, load_split
 from lib.edge import OnnxClassifier
 from lib.engine import fit
@@ -215,9 +215,9 @@ def test_stem_is_recorded_and_old_checkpoints_rebuild_as_they_were():
     stock = build_model("resnet18", 2, 64, "stock")
     base = {"format": FORMAT, "model": "resnet18", "classes": ["a", "b"], "image_size": 64, "mean": [0.5] * 3,
             "std": [0.25] * 3, "state_dict": stock.state_dict()}
-    legacy = model_from_checkpoint(base)  # written before checkpoints named their stem
+    legacy = build_from_checkpoint(base)  # written before checkpoints named their stem
     assert isinstance(legacy.maxpool, torch.nn.Identity)
-    rebuilt = model_from_checkpoint({**base, "stem": "stock"})
+    rebuilt = build_from_checkpoint({**base, "stem": "stock"})
     assert isinstance(rebuilt.maxpool, torch.nn.MaxPool2d)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():

@@ -134,7 +134,7 @@ def test_invalid_option_values(demo_data, tmp_path, flag, value):
     (["--min-size", "16", "--batch-size", "1"], ["--batch-size 1", "one value per channel", "--batch-size 2"]),
     (["--model", "resnet18", "--stem", "stock", "--image-size", "32", "--min-size", "0", "--batch-size", "1"],
      ["--batch-size 1", "resnet18"]),
-    (["--image-size", "8", "--min-size", "0"], ["--image-size 8", "too small for fastnet"]),
+    (["--image-size", "8", "--min-size", "0"], ["--image-size 8", "fastnet cannot run on 8 px images"]),
 ])
 def test_settings_the_network_cannot_train_with_are_refused_before_training(demo_data, tmp_path, args, culprits):
     result = run_main("train.py", "--data", demo_data, "--task", "target", "--epochs", "2", *args,

@@ -115,9 +115,9 @@ def test_bad_source_or_target_data_is_a_clear_error(demo_data, source_run, tmp_p
     save_checkpoint(mislabelled, tmp_path / "mislabelled.pt")
     with pytest.raises(UserError, match="mislabelled.pt: weights do not fit model 'resnet18'"):
         load_source(tmp_path / "mislabelled.pt")
-    mislabelled["model"] = "vgg16"
+    mislabelled["model"] = "lenet5"
     save_checkpoint(mislabelled, tmp_path / "unknown.pt")
-    with pytest.raises(UserError, match="unknown.pt: model 'vgg16' is not one this project builds"):
+    with pytest.raises(UserError, match="unknown.pt: model 'lenet5' is not one this project builds"):
         load_source(tmp_path / "unknown.pt")
     with pytest.raises(UserError, match="--freeze: all repeats"):
         resolve_freeze(["3", "all"], "cnn3")
