@@ -28,7 +28,8 @@ def main(args):
     source = transfer.load_source(args.source)
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("crossval.csv", "crossval.json"))
-    labelled = crossval.pool(*(load_split(args.data, split, args.task, source["image_size"], args.skip_bad_images)
+    labelled = crossval.pool(*(load_split(args.data, split, args.task, source["image_size"],
+                                          resize=source.get("resize", "squash"), **cli.load_options(args))
                                for split in ("train", "val")))
     # Every epoch runs: stopping early would let the held-out images choose.
     config = dataclasses.replace(config_from_args(args, device), patience=args.epochs)

@@ -6,7 +6,7 @@ Writes OUT/best.pt, OUT/last.pt, OUT/metrics.csv and OUT/curves.png.
 import torch
 
 from lib import cli, distributed
-from lib.data import channel_stats, load_split
+from lib.data import load_split
 from lib.engine import TrainConfig, best_epoch, config_from_args, cost_summary, fit
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, resolve_stem
 from lib.plots import plot_curves
@@ -30,15 +30,15 @@ def main(args):
     device = distributed.pick_device(args.device)
     distributed.setup(device)
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
-    train = load_split(args.data, "train", args.task, args.image_size, args.skip_bad_images)
-    val = load_split(args.data, "val", args.task, args.image_size, args.skip_bad_images)
-    mean, std = channel_stats(train.images)
+    train = load_split(args.data, "train", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
+    val = load_split(args.data, "val", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
+    mean, std = train.mean, train.std
     torch.manual_seed(args.seed)
     stem = resolve_stem(args.model, args.image_size, args.stem)
     model = build_model(args.model, len(train.classes), args.image_size, stem)
     config = config_from_args(args, device)
     describe = {"model": args.model, "stem": stem, "task": args.task, "classes": train.classes,
-                "image_size": args.image_size, "mean": mean, "std": std, "args": cli.plain_args(args)}
+                "image_size": args.image_size, "resize": args.resize, "mean": mean, "std": std, "args": cli.plain_args(args)}
     if distributed.is_main():
         print(f"{args.model} on {args.task}: {len(train)} train / {len(val)} val images, "
               f"{len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")

@@ -88,6 +88,7 @@ def resume_mismatches(saved, describe):
         ("--task", saved.get("task"), describe.get("task")),
         ("--data", _data_location(saved.get("args", {}).get("data")), _data_location(describe["args"].get("data"))),
         ("--source" if transferred else "--image-size", saved.get("image_size"), describe.get("image_size")),
+        ("--source" if transferred else "--resize", saved.get("resize", "squash"), describe.get("resize", "squash")),
         ("--source", saved_lineage.get("source_sha256"), lineage.get("source_sha256")),
         ("--freeze", saved_lineage.get("frozen_stages"), lineage.get("frozen_stages")),
     ]
@@ -105,6 +106,7 @@ def check_resume(saved, describe, path):
     if flags:
         was = {"--model": saved.get("model"), "--task": saved.get("task"),
                "--data": saved.get("args", {}).get("data"), "--image-size": saved.get("image_size"),
+               "--resize": saved.get("resize", "squash"),
                "--source": (saved.get("lineage") or {}).get("source"),
                "--freeze": (saved.get("lineage") or {}).get("frozen_stages")}
         raise UserError(f"--resume: {path} belongs to a run with different {', '.join(flags)} "

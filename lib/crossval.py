@@ -12,18 +12,18 @@ import statistics
 import torch
 from sklearn.model_selection import StratifiedKFold
 
-from lib.data import Split
+from lib.data import ImageRows, Split
 from lib.errors import UserError
 
 COLUMNS = ["fold", "train_images", "heldout_images", "loss", "accuracy", "auroc", "epochs", "tflop", "seconds"]
 
 
 def pool(*splits):
-    """One Split of several labelled splits of the same task."""
+    """One Split of several labelled splits of the same task; its images index theirs (no copy)."""
     classes = splits[0].classes
     if any(part.classes != classes for part in splits):
         raise UserError("the splits to pool have different classes")
-    return Split(torch.cat([part.images for part in splits]), torch.cat([part.labels for part in splits]),
+    return Split(ImageRows([part.images for part in splits]), torch.cat([part.labels for part in splits]),
                  classes, [name for part in splits for name in part.filenames])
 
 
@@ -38,8 +38,10 @@ def folds(split, k, seed):
 
 
 def _subset(split, index):
+    """The rows `index` of a pooled split, as a view of its images (no copy)."""
     index = torch.as_tensor(index)
-    return Split(split.images[index], split.labels[index], split.classes, [split.filenames[i] for i in index])
+    return Split(split.images.subset(index), split.labels[index], split.classes,
+                 [split.filenames[i] for i in index])
 
 
 def fold_row(fold, train, heldout, history):

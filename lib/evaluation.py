@@ -1,7 +1,7 @@
 """Evaluation: probabilities from a model file, then a report that does not care where they came from.
 
 load_predictor gives one interface over a PyTorch checkpoint and an exported .onnx model:
-.classes, .image_size, .task (None when the file does not say) and .predict(images, tta) ->
+.classes, .image_size, .resize, .task (None when the file does not say) and .predict(images, tta) ->
 numpy (N, C) probabilities for uint8 (N, 3, H, W) images. Test-time augmentation (tta)
 averages the image and its horizontal mirror. Everything after that is numpy arithmetic on
 labels and probabilities (lib.metrics), identical for both kinds of model.
@@ -25,6 +25,7 @@ class TorchPredictor:
         self.model = model_from_checkpoint(checkpoint, where=f"--checkpoint {path}").to(device)
         self.classes = list(checkpoint["classes"])
         self.image_size = checkpoint["image_size"]
+        self.resize = checkpoint.get("resize", "squash")
         self.task = checkpoint.get("task")
         self.mean, self.std, self.device = checkpoint["mean"], checkpoint["std"], device
 
@@ -41,6 +42,7 @@ class OnnxPredictor:
         self.session = OnnxClassifier(path)
         self.classes = list(self.session.classes)
         self.image_size = self.session.image_size
+        self.resize = self.session.resize
         self.task = None
 
     def predict(self, images, tta=False):

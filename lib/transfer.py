@@ -118,8 +118,8 @@ def target_describe(source, task, classes, args, lineage_entry):
     """The target checkpoint's description: the source's preprocessing, the target's classes."""
     return {"model": source["model"], "stem": resolve_stem(source["model"], source["image_size"], source.get("stem")),
             "task": task, "classes": list(classes),
-            "image_size": source["image_size"], "mean": source["mean"], "std": source["std"],
-            "args": args, "lineage": lineage_entry}
+            "image_size": source["image_size"], "resize": source.get("resize", "squash"),
+            "mean": source["mean"], "std": source["std"], "args": args, "lineage": lineage_entry}
 
 
 def run_summary(label, model, run_dir):
