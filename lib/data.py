@@ -68,7 +68,7 @@ class ImageRows:
         return ImageRows(self.parts, self.index[torch.as_tensor(index, dtype=torch.int64)])
 
     def __getitem__(self, key):
-        rows = self.index[key]
+        rows = self.index[key].contiguous()
         if rows.dim() == 0:
             return self._gather(rows.view(1))[0]
         return self._gather(rows)

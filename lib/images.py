@@ -9,9 +9,11 @@ training did. In order, decode_image:
    scaling by 1/2, 1/4 or 1/8, to a side still >= `size`): much faster than a full decode;
 3. turns the photo upright as its EXIF Orientation tag says (phones store photos sideways);
 4. converts any mode to 8-bit RGB (to_rgb8: 16-bit, 32-bit and float images on a stated scale);
-5. brings it to size x size by the resize policy: squash (resize, ignoring the aspect ratio),
-   crop (centre crop of the short side, then resize) or pad (letterbox: resize the long side,
-   fill the rest with PAD_FILL), always with bilinear resampling.
+5. brings it to size x size by the resize policy, with bilinear resampling (Pillow's, which
+   antialiases when shrinking): squash (resize, ignoring the aspect ratio); crop (the centred
+   square of side min(width, height), at offsets ((width - side) // 2, (height - side) // 2),
+   then resize); pad (letterbox, Pillow's ImageOps.pad: resize so the long side fits, then paste
+   centred on PAD_FILL).
 """
 import os
 
@@ -96,7 +98,9 @@ def to_rgb8(image):
 
 def _to_square(image, size, resize):
     if resize == "crop":
-        return ImageOps.fit(image, (size, size), RESAMPLE)
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
     if resize == "pad":
         return ImageOps.pad(image, (size, size), RESAMPLE, color=PAD_FILL)
     return image if image.size == (size, size) else image.resize((size, size), RESAMPLE)
