@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from lib import cli, distributed  # noqa: E402
 from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
-from lib.data import Split, channel_stats, load_split  # noqa: E402
+from lib.data import Split, load_split  # noqa: E402
 from lib.engine import (TrainConfig, _epoch_batches, _train_epoch, amp_helps, autocast,  # noqa: E402
                         make_ema, make_optimizer, make_scaler, make_scheduler, predict_probs)
 from lib.flops import inference_flops, training_flops  # noqa: E402
@@ -161,7 +161,7 @@ def main(args):
     started = time.perf_counter()
     val = load_split(args.data, "val", args.task, args.image_size, args.skip_bad_images)
     val_decode_s = time.perf_counter() - started
-    mean, std = channel_stats(train.images)
+    mean, std = train.mean, train.std
     results = {}
     for precision in precisions(args.amp, device):
         config = TrainConfig(batch_size=args.batch_size, augment=args.augment, channels_last=args.channels_last,

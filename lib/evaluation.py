@@ -45,12 +45,16 @@ class OnnxPredictor:
         self.resize = self.session.resize
         self.task = None
 
-    def predict(self, images, tta=False):
-        pixels = images.permute(0, 2, 3, 1).contiguous().numpy()
-        probs = self.session.predict_proba(pixels)
-        if tta:
-            probs = (probs + self.session.predict_proba(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
-        return np.asarray(probs, dtype=np.float64)
+    def predict(self, images, tta=False, batch_size=256):
+        """In batches, so that only a batch of the split is ever copied to the model's NHWC layout."""
+        out = [np.empty((0, len(self.classes)))]
+        for start in range(0, len(images), batch_size):
+            pixels = images[start:start + batch_size].permute(0, 2, 3, 1).contiguous().numpy()
+            probs = self.session.predict_proba(pixels)
+            if tta:
+                probs = (probs + self.session.predict_proba(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
+            out.append(np.asarray(probs, dtype=np.float64))
+        return np.concatenate(out)
 
 
 def load_predictor(path, device):
