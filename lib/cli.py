@@ -77,10 +77,11 @@ def add_data_args(parser, image_size=True, data_required=True):
     group.add_argument("--skip-bad-images", action="store_true",
                        help="warn about and skip unreadable images instead of stopping")
     add_max_pixels_arg(group, DEFAULT_MAX_PIXELS)
-    group.add_argument("--pixel-cache", metavar="DIR",
+    from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
+
+    group.add_argument("--pixel-cache", metavar="DIR", default=str(default_folder()),
                        help="folder of decoded pixels, decoded once and memory-mapped by every later run "
-                            "(default: $XDG_CACHE_HOME/landmark-classification/pixels, "
-                            "~/.cache/landmark-classification/pixels without XDG_CACHE_HOME)")
+                            "($XDG_CACHE_HOME/landmark-classification/pixels; ~/.cache/... without XDG_CACHE_HOME)")
     group.add_argument("--no-pixel-cache", action="store_true",
                        help="decode every time and keep nothing (decoding goes to a temporary file in $TMPDIR)")
     return group
@@ -94,10 +95,8 @@ def add_max_pixels_arg(group, default):
 
 def load_options(args):
     """load_split's keyword arguments from the data flags (add_data_args)."""
-    from lib.pixel_cache import DEFAULT
-
     return {"skip_bad_images": args.skip_bad_images, "max_pixels": args.max_image_pixels,
-            "cache_dir": None if args.no_pixel_cache else (args.pixel_cache or DEFAULT)}
+            "cache_dir": None if args.no_pixel_cache else args.pixel_cache}
 
 
 def add_run_args(parser, out_help, seed_help="seed for weights, shuffling and augmentation"):
