@@ -50,7 +50,7 @@ def main(args):
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
         if (checkpoint["classes"], checkpoint["image_size"], checkpoint.get("resize", "squash")) != \
                 (first["classes"], first["image_size"], first.get("resize", "squash")):
-            raise UserError(f"--compare {path}: its classes, image size or resize policy differ from {paths[0]}'s, "
+            raise UserError(f"--compare {path}: its classes or image size differ from {paths[0]}'s (or its resize policy), "
                             "so the same images cannot be explained by both")
     device = distributed.pick_device(args.device)
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("cam_stats.json", "grid.png"))

@@ -186,10 +186,6 @@ class OnnxClassifier:
         (lib.images.decode_image; BadImageError for a file it cannot read)."""
         return decode_image(path, self.image_size, self.resize, max_pixels)
 
-    def load_images(self, paths, max_pixels=DEFAULT_MAX_PIXELS):
-        """Image files decoded as training did, stacked as (N, H, W, 3) uint8."""
-        return np.stack([self.decode(p, max_pixels) for p in paths])
-
 
 # --- device benchmark ----------------------------------------------------------------------------
 

@@ -331,8 +331,10 @@ def test_one_writer_at_a_time(tmp_path):
     waiting = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, **SCRIPT_ENV})
     try:
-        line = waiting.stderr.readline()
-        assert "waiting for another process decoding" in line, line
+        line = ""
+        while line is not None and "waiting for another process decoding" not in line:
+            line = waiting.stderr.readline() or None  # None: it ended without waiting
+        assert line, waiting.communicate()
         assert waiting.poll() is None and entries(cache) == [], "it must not write while the lock is held"
     finally:
         os.close(fd)
