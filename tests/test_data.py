@@ -282,27 +282,31 @@ def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, change)
     assert len(entries(cache)) == 2, "the stale entry was replaced, not kept beside"
 
 
+# The subprocesses use lib.pixel_cache alone (torch-free, so they start fast): the guarantees are its own.
 KILLER = """
 import os, signal, sys
 sys.path.insert(0, {repo!r})
 from lib import pixel_cache
-from lib.data import load_split
 def killed(*args, **kwargs):
     os.kill(os.getpid(), signal.SIGKILL)
 real = getattr(pixel_cache, {target!r})
 def wrapper(*args, **kwargs):
-    result = real(*args, **kwargs)  # a chunk decoded (or the pixels renamed into place), then killed
+    real(*args, **kwargs)  # the images decoded into the temporary file, then killed
     killed()
 setattr(pixel_cache, {target!r}, {replacement})
-load_split({data!r}, "val", image_size=32, cache_dir={cache!r})
+pixel_cache.load_pixels({files!r}, pixel_cache.Decoding(32), {cache!r}, identity="photos")
 """
+
+
+def photo_files(root, count=6):
+    return sorted(str(p) for p in (folder_dataset(root, count) / "val").iterdir())
 
 
 @pytest.mark.parametrize("when", ["while decoding", "before the sidecar"])
 def test_a_run_killed_while_writing_the_cache_leaves_nothing_trusted(tmp_path, monkeypatch, when):
-    data, cache = folder_dataset(tmp_path / "d"), tmp_path / "cache"
+    files, cache = photo_files(tmp_path / "d"), tmp_path / "cache"
     target, replacement = ("_decode_chunk", "wrapper") if when == "while decoding" else ("write_json", "killed")
-    script = KILLER.format(repo=str(REPO), target=target, replacement=replacement, data=str(data), cache=str(cache))
+    script = KILLER.format(repo=str(REPO), target=target, replacement=replacement, files=files, cache=str(cache))
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env={**os.environ, **SCRIPT_ENV}, timeout=120)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
@@ -311,23 +315,23 @@ def test_a_run_killed_while_writing_the_cache_leaves_nothing_trusted(tmp_path, m
     decoded = []
     real = pixel_cache.decode_image
     monkeypatch.setattr(pixel_cache, "decode_image", lambda *a: decoded.append(a) or real(*a))
-    split = load_split(data, "val", image_size=32, cache_dir=cache)
+    pixels = pixel_cache.load_pixels(files, pixel_cache.Decoding(32), cache, identity="photos")
     assert len(decoded) == 6, "the killed run's pixels must not be used"
-    assert torch.equal(split.images, load_split(data, "val", image_size=32, cache_dir=None).images)
+    np.testing.assert_array_equal(pixels.images, pixel_cache.load_pixels(files, pixel_cache.Decoding(32), None).images)
     assert len(entries(cache)) == 2 and not any(n.endswith(".tmp") for n in entries(cache)), entries(cache)
 
 
 def test_one_writer_at_a_time(tmp_path):
     """A process that finds the entry's lock taken waits for it (torchrun ranks, two scripts)."""
-    data, cache = folder_dataset(tmp_path / "d"), tmp_path / "cache"
-    load_split(data, "val", image_size=32, cache_dir=cache)
+    files, cache = photo_files(tmp_path / "d"), tmp_path / "cache"
+    pixel_cache.load_pixels(files, pixel_cache.Decoding(32), cache, identity="photos")
     [lock] = cache.glob("*/.lock")
     for name in entries(cache):
         next(cache.rglob(name)).unlink()  # the entry is gone: the next reader must write it
     fd = os.open(lock, os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from lib.data import load_split; "
-              f"print(len(load_split({str(data)!r}, 'val', image_size=32, cache_dir={str(cache)!r})))")
+    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from lib import pixel_cache; print(len(pixel_cache."
+              f"load_pixels({files!r}, pixel_cache.Decoding(32), {str(cache)!r}, identity='photos').kept))")
     waiting = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env={**os.environ, **SCRIPT_ENV})
     try:
