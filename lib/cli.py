@@ -62,6 +62,8 @@ def unit_interval(text):
 def add_data_args(parser, image_size=True, data_required=True):
     """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
     data_required=False for scripts that can read image files instead."""
+    from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
+
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=data_required,
                        help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
@@ -77,8 +79,6 @@ def add_data_args(parser, image_size=True, data_required=True):
     group.add_argument("--skip-bad-images", action="store_true",
                        help="warn about and skip unreadable images instead of stopping")
     add_max_pixels_arg(group, DEFAULT_MAX_PIXELS)
-    from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
-
     group.add_argument("--pixel-cache", metavar="DIR", default=str(default_folder()),
                        help="folder of decoded pixels, decoded once and memory-mapped by every later run "
                             "($XDG_CACHE_HOME/landmark-classification/pixels; ~/.cache/... without XDG_CACHE_HOME)")
