@@ -39,7 +39,8 @@ def main(args):
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite or args.resume,
                               markers=("crossval.csv", "crossval.json"))
-    labelled = crossval.pool(*(load_split(args.data, split, args.task, source["image_size"], args.skip_bad_images)
+    labelled = crossval.pool(*(load_split(args.data, split, args.task, source["image_size"],
+                                          resize=source.get("resize", "squash"), **cli.load_options(args))
                                for split in ("train", "val")))
     recipe = config_from_args(args, device)
     settings = {"folds": args.folds, "fold_seed": args.fold_seed, "inner_val": args.inner_val}

@@ -38,7 +38,8 @@ def main(args):
         raise UserError(f"--json {args.json}: already exists; use --overwrite to replace it")
     predictor = evaluation.load_predictor(args.checkpoint, device)
     task = args.task or predictor.task
-    split = load_split(args.data, args.split, task, predictor.image_size, args.skip_bad_images)
+    split = load_split(args.data, args.split, task, predictor.image_size, resize=predictor.resize,
+                       **cli.load_options(args))
     if split.labels is not None or split.classes:
         check_labels_in_classes(split, predictor.classes, f"--data {args.data} (task {task}) and "
                                                           f"--checkpoint {args.checkpoint}")

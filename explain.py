@@ -48,13 +48,15 @@ def main(args):
     checkpoints = [load_checkpoint(path) for path in paths]
     first = checkpoints[0]
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
-        if (checkpoint["classes"], checkpoint["image_size"]) != (first["classes"], first["image_size"]):
-            raise UserError(f"--compare {path}: its classes or image size differ from {paths[0]}'s, "
+        if (checkpoint["classes"], checkpoint["image_size"], checkpoint.get("resize", "squash")) != \
+                (first["classes"], first["image_size"], first.get("resize", "squash")):
+            raise UserError(f"--compare {path}: its classes or image size differ from {paths[0]}'s (or its resize policy), "
                             "so the same images cannot be explained by both")
     device = distributed.pick_device(args.device)
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("cam_stats.json", "grid.png"))
     split = cam.load_images(args.images, args.data, args.task, args.split, args.num_images, args.seed,
-                            first["image_size"], first["classes"], args.skip_bad_images)
+                            first["image_size"], first["classes"], first.get("resize", "squash"),
+                            **cli.load_options(args))
     check_labels_in_classes(split, first["classes"], f"--data {args.data}")
     target = cam.class_index(args.target_class, first["classes"])
 

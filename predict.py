@@ -2,19 +2,25 @@
 
 Example: python predict.py runs/target/model.onnx photo.jpg more_photos/ --top-k 2
          python predict.py --benchmark runs/target/model.int8.onnx --json
-Class names and image size come from the model's metadata; each image is turned upright as its
-EXIF orientation says and resized as in training. Prints one line per image (file, then label
-and probability, best first) or --json. Folders are searched recursively for image files.
+Class names, image size and resize policy come from the model's metadata; each image is turned
+upright as its EXIF orientation says and made square as in training (lib.images). Prints one line
+per image (file, then label and probability, best first) or --json. Folders are searched
+recursively for files with an extension Pillow reads (the others are counted in a warning).
+An unreadable image stops the run with one line naming it, unless --skip-bad-images (then a
+warning, and with --json an entry {"file", "error"} in its place).
 A model needing a newer onnxruntime than the installed one (its min_onnxruntime) is refused.
 --benchmark times the model instead: file size, session creation, first run, p50/p95 latency.
 """
 import json
+import sys
 from pathlib import Path
+
+import numpy as np
 
 from lib import cli
 from lib.edge import CPU, OnnxClassifier, benchmark_model, format_benchmark
 from lib.errors import UserError
-from lib.images import IMAGE_SUFFIXES
+from lib.images import DEFAULT_MAX_PIXELS, BadImageError, is_image_name
 
 BATCH = 64
 
@@ -25,6 +31,9 @@ def get_args_parser():
     parser.add_argument("inputs", nargs="*", help="image files or folders of images")
     parser.add_argument("--top-k", type=cli.positive_int, default=1, help="how many classes to show per image")
     parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="warn about unreadable images and go on (with --json: an error entry per file)")
+    cli.add_max_pixels_arg(parser, DEFAULT_MAX_PIXELS)
     parser.add_argument("--provider", default=CPU,
                         help="onnxruntime execution provider (CPU runs what it cannot); a wrong name "
                              "lists the installed ones")
@@ -40,11 +49,14 @@ def get_args_parser():
 
 
 def image_paths(inputs):
-    paths = []
+    """The files named, and the image files in the folders named (recursively, hidden ones left out)."""
+    paths, other = [], 0
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            found = [p for p in files if is_image_name(p)]
+            other += len(files) - len(found)
             if not found:
                 raise UserError(f"{path}: no image files in this folder")
             paths += found
@@ -52,7 +64,25 @@ def image_paths(inputs):
             paths.append(path)
         else:
             raise UserError(f"{path}: no such file or folder")
+    if other:
+        print(f"warning: skipped {other} file(s) whose extension Pillow does not read", file=sys.stderr)
     return paths
+
+
+def decode_batch(classifier, paths, max_pixels, skip_bad_images):
+    """(decoded pixels, their paths, {path: error}) of one batch; without skip_bad_images the first
+    unreadable file is an error."""
+    pixels, good, errors = [], [], {}
+    for path in paths:
+        try:
+            pixels.append(classifier.decode(path, max_pixels))
+            good.append(path)
+        except BadImageError as error:
+            if not skip_bad_images:
+                raise
+            errors[path] = str(error)
+            print(f"warning: skipped {error}", file=sys.stderr)
+    return pixels, good, errors
 
 
 def main(args):
@@ -68,17 +98,24 @@ def main(args):
     classifier = OnnxClassifier(args.model, args.provider, args.threads)
     classifier.warm_up()
     top_k = min(args.top_k, len(classifier.classes))
-    results = []
+    results, failed = [], 0
     for start in range(0, len(paths), BATCH):
         chunk = paths[start:start + BATCH]
-        probs = classifier.predict_proba(classifier.load_images(chunk))
-        for path, row in zip(chunk, probs):
-            best = row.argsort()[::-1][:top_k]
+        pixels, good, errors = decode_batch(classifier, chunk, args.max_image_pixels, args.skip_bad_images)
+        failed += len(errors)
+        probs = dict(zip(good, classifier.predict_proba(np.stack(pixels)))) if pixels else {}
+        for path in chunk:
+            if path in errors:
+                results.append({"file": str(path), "error": errors[path]})
+                continue
+            best = probs[path].argsort()[::-1][:top_k]
             results.append({"file": str(path), "predictions": [
-                {"label": classifier.classes[i], "probability": float(row[i])} for i in best]})
+                {"label": classifier.classes[i], "probability": float(probs[path][i])} for i in best]})
             if not args.json:
                 print("\t".join([str(path)] + [f"{p['label']}\t{p['probability']:.4f}"
                                                for p in results[-1]["predictions"]]), flush=True)
+    if failed == len(paths):
+        raise UserError(f"no readable images among {len(paths)} file(s)")
     if args.json:
         print(json.dumps(results, indent=1))
 

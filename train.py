@@ -9,7 +9,7 @@ OUT/metrics.csv and OUT/curves.png.
 import torch
 
 from lib import cli, distributed
-from lib.data import channel_stats, load_split
+from lib.data import load_split
 from lib.engine import cost_summary, fit
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
@@ -49,15 +49,16 @@ def main(args):
     device = distributed.pick_device(args.device)
     distributed.setup(device)
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
-    train = load_split(args.data, "train", args.task, args.image_size, args.skip_bad_images)
-    val = load_split(args.data, "val", args.task, args.image_size, args.skip_bad_images)
-    mean, std = (args.mean, args.std) if args.mean else channel_stats(train.images)
+    train = load_split(args.data, "train", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
+    val = load_split(args.data, "val", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
+    mean, std = (args.mean, args.std) if args.mean else (train.mean, train.std)
     torch.manual_seed(args.seed)
     stem = resolve_stem(args.model, args.image_size, args.stem)
     model = build_model(args.model, len(train.classes), args.image_size, stem)
     config = config_from_args(args, device)
     describe = {"model": args.model, "stem": stem, "task": args.task, "classes": train.classes,
-                "image_size": args.image_size, "mean": mean, "std": std, "args": cli.plain_args(args)}
+                "image_size": args.image_size, "resize": args.resize, "mean": mean, "std": std,
+                "args": cli.plain_args(args)}
     if args.weights:
         describe["lineage"] = load_weights(model, args.model, args.weights)
     if distributed.is_main():

@@ -48,8 +48,9 @@ def main(args):
     labels = [transfer.freeze_label(k, model_name) for k in freezes]
     out = Path(args.out)
     run_dirs = _run_dirs(out, labels, args.overwrite, args.resume)
-    train = load_split(args.data, "train", args.task, source["image_size"], args.skip_bad_images)
-    val = load_split(args.data, "val", args.task, source["image_size"], args.skip_bad_images)
+    resize = source.get("resize", "squash")
+    train = load_split(args.data, "train", args.task, source["image_size"], resize=resize, **cli.load_options(args))
+    val = load_split(args.data, "val", args.task, source["image_size"], resize=resize, **cli.load_options(args))
     config = config_from_args(args, device)
     if distributed.is_main():
         print(f"{model_name} from {args.source} to {cli.data_name(args.data, args.task)}: {len(train)} train / "

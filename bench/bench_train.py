@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from lib import cli, distributed  # noqa: E402
 from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
-from lib.data import Split, channel_stats, load_split  # noqa: E402
+from lib.data import Split, load_split  # noqa: E402
 from lib.engine import _epoch_batches, _train_epoch, predict_probs  # noqa: E402
 from lib.recipe import (TrainConfig, amp_helps, autocast, make_ema, make_optimizer, make_scaler,  # noqa: E402
                         make_scheduler)
@@ -162,7 +162,7 @@ def main(args):
     started = time.perf_counter()
     val = load_split(args.data, "val", args.task, args.image_size, args.skip_bad_images)
     val_decode_s = time.perf_counter() - started
-    mean, std = channel_stats(train.images)
+    mean, std = train.mean, train.std
     results = {}
     for precision in precisions(args.amp, device):
         config = TrainConfig(batch_size=args.batch_size, augment=args.augment, channels_last=args.channels_last,

@@ -30,8 +30,9 @@ from lib.checkpoint import build_from_checkpoint
 from lib.data import Split, load_split
 from lib.engine import predict_probs
 from lib.errors import UserError
-from lib.images import decode_image
+from lib.images import DEFAULT_MAX_PIXELS, decode_image
 from lib.models import cam_reshape
+from lib.pixel_cache import DEFAULT
 from lib.plots import plt, save_figure
 
 # --method name -> class name in pytorch_grad_cam, which is imported on use: it pulls in OpenCV
@@ -202,17 +203,20 @@ def explain_checkpoint(label, source, checkpoint, model, images, device, method,
     return Explanation(label, source, checkpoint, list(layer_names), heatmaps, probs, targets, per_image, summary, sanity)
 
 
-def load_images(files, data, task, split, num_images, seed, image_size, classes, skip_bad_images=False):
-    """The images to explain: the given files (unlabelled), or a seeded sample of a split (0 = all)."""
+def load_images(files, data, task, split, num_images, seed, image_size, classes, resize="squash", *,
+                skip_bad_images=False, max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
+    """The images to explain: the given files (unlabelled), or a seeded sample of a split (0 = all).
+    resize and the keyword arguments: as lib.data.load_split's."""
     if files:
         if data is not None:
             raise UserError("--images and --data: give one or the other")
-        decoded = np.stack([decode_image(path, image_size) for path in files])
+        decoded = np.stack([decode_image(path, image_size, resize, max_pixels) for path in files])
         return Split(torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(), None, list(classes),
                      [str(path) for path in files])
     if data is None:
         raise UserError("--data: required unless --images is given")
-    full = load_split(data, split, task, image_size, skip_bad_images)
+    full = load_split(data, split, task, image_size, skip_bad_images, resize=resize, max_pixels=max_pixels,
+                      cache_dir=cache_dir)
     if num_images and num_images < len(full):
         chosen = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
         full = Split(full.images[chosen], None if full.labels is None else full.labels[chosen],

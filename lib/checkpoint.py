@@ -143,6 +143,7 @@ RESUME_MUST_MATCH = (
     ("--model", lambda run: run.get("model")),
     ("--stem", lambda run: run.get("stem")),
     ("--image-size", lambda run: run.get("image_size")),
+    ("--resize", lambda run: run.get("resize", "squash")),
     ("--task", lambda run: run.get("task")),
     ("--data", lambda run: data_location(_arg("data")(run))),
     ("--source", _lineage("source_sha256")),
@@ -166,7 +167,8 @@ RESUME_MUST_MATCH = (
     ("--seed", _arg("seed")),
 )
 # A transferred run takes these from its --source checkpoint: there they are --source's to answer for.
-FROM_SOURCE = {"--model": "--source", "--stem": "--source", "--image-size": "--source", "--weights": "--source"}
+FROM_SOURCE = {"--model": "--source", "--stem": "--source", "--image-size": "--source", "--resize": "--source",
+               "--weights": "--source"}
 # How the old value is shown, where the compared value is not what the user typed.
 SHOWN = {"--data": _arg("data"), "--source": _lineage("source"), "--weights": _lineage("weights")}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lib.errors import UserError
 from lib.files import remove_stale_temporaries
+from lib.images import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
 
 
 class Parser(argparse.ArgumentParser):
@@ -63,8 +64,10 @@ def unit_interval(text):
 
 
 def add_data_args(parser, image_size=True, data_required=True):
-    """image_size=False for scripts that take the image size from a checkpoint;
+    """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
     data_required=False for scripts that can read image files instead."""
+    from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
+
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=data_required,
                        help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
@@ -73,14 +76,36 @@ def add_data_args(parser, image_size=True, data_required=True):
     if image_size:
         group.add_argument("--image-size", type=positive_int, default=64,
                            help="images of another size are resized to this square size")
+        group.add_argument("--resize", choices=RESIZE_POLICIES, default="squash",
+                           help="how a photo that is not square becomes one: squash (resize, aspect ignored), "
+                                "crop (centre crop of the short side) or pad (letterbox, black bars); kept in "
+                                "the checkpoint and the ONNX model, so every later step does the same")
     group.add_argument("--skip-bad-images", action="store_true",
                        help="warn about and skip unreadable images instead of stopping")
+    add_max_pixels_arg(group, DEFAULT_MAX_PIXELS)
+    group.add_argument("--pixel-cache", metavar="DIR", default=str(default_folder()),
+                       help="folder of decoded pixels, decoded once and memory-mapped by every later run "
+                            "($XDG_CACHE_HOME/landmark-classification/pixels; ~/.cache/... without XDG_CACHE_HOME)")
+    group.add_argument("--no-pixel-cache", action="store_true",
+                       help="decode every time and keep nothing (decoding goes to a temporary file in $TMPDIR)")
     return group
 
 
 def data_name(data, task):
     """--data and --task as the first line of a run names them (ImageFolder data has no task)."""
     return f"{data}, task {task}" if task else str(data)
+
+
+def add_max_pixels_arg(group, default):
+    group.add_argument("--max-image-pixels", type=non_negative_int, default=default, metavar="N",
+                       help="refuse (or with --skip-bad-images skip) images of more than N pixels, which "
+                            "may be decompression bombs (Pillow's limit); 0 allows any size")
+
+
+def load_options(args):
+    """load_split's keyword arguments from the data flags (add_data_args)."""
+    return {"skip_bad_images": args.skip_bad_images, "max_pixels": args.max_image_pixels,
+            "cache_dir": None if args.no_pixel_cache else args.pixel_cache}
 
 
 def add_run_args(parser, out_help, seed_help="seed for weights, shuffling and augmentation"):

@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from lib import cli, flops, transfer
 from lib.checkpoint import data_location, resume_mismatches, save_checkpoint
-from lib.data import Split
+from lib.data import ImageRows, Split
 from lib.engine import fit, predict_probs
 from lib.errors import UserError
 from lib.metrics import epoch_metrics
@@ -64,11 +64,11 @@ def rules(config, nested):
 
 
 def pool(*splits):
-    """One Split of several labelled splits of the same task."""
+    """One Split of several labelled splits of the same task; its images index theirs (no copy)."""
     classes = splits[0].classes
     if any(part.classes != classes for part in splits):
         raise UserError("the splits to pool have different classes")
-    return Split(torch.cat([part.images for part in splits]), torch.cat([part.labels for part in splits]),
+    return Split(ImageRows([part.images for part in splits]), torch.cat([part.labels for part in splits]),
                  classes, [name for part in splits for name in part.filenames])
 
 
@@ -95,8 +95,10 @@ def inner_split(split, fraction, seed):
 
 
 def _subset(split, index):
+    """The rows `index` of a pooled split, as a view of its images (no copy)."""
     index = torch.as_tensor(index)
-    return Split(split.images[index], split.labels[index], split.classes, [split.filenames[i] for i in index])
+    return Split(split.images.subset(index), split.labels[index], split.classes,
+                 [split.filenames[i] for i in index])
 
 
 def check_source(source, path, task, data):

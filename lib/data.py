@@ -1,27 +1,35 @@
-"""Loading a split of a dataset into memory, once, as uint8 tensors.
+"""Loading a split of a dataset, decoded once, as uint8 tensors (memory-mapped from the pixel cache).
 
 Two layouts are recognised from the folder given with --data:
 - CSV layout: DIR/landmarks.csv (filename, partition, task, semantic_label, numeric_label) and
   DIR/images/. --task selects rows; class names come from semantic_label ordered by numeric_label.
+  The file is read as UTF-8 (a byte-order mark, as spreadsheets write "CSV UTF-8", is skipped;
+  CRLF line ends are fine). A filename must stay inside images/ as written (no absolute path, no
+  '..'); an entry of images/ that is a symbolic link is followed wherever it points.
 - ImageFolder layout (torchvision's): DIR/<split>/<class>/<image>. Class names are the sorted
   folder names of DIR/train (or of the split itself when there is no train folder). A split
   folder holding images directly, without class folders, is unlabelled; image files lying
-  beside class folders belong to no class and are left out, with a warning. --task is not used.
+  beside class folders belong to no class and are left out, with a warning. Files whose
+  extension Pillow cannot read (and hidden files) are left out and counted. --task is not used.
 The name "demo" stands for the built-in synthetic dataset (lib.demo).
+
+load_split is the only door: the pixels come from lib.pixel_cache (decoded on first use, then
+memory-mapped), so Split.images is a tensor over a file's pages, read as batches index it.
 """
 import csv
+import io
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import torch
 
 from lib.demo import CSV_COLUMNS, CSV_NAME, ensure_demo
 from lib.errors import UserError
-from lib.images import IMAGE_SUFFIXES, BadImageError, decode_image
+from lib.images import DEFAULT_MAX_PIXELS, BadImageError, check_resize, is_image_name
+from lib.pixel_cache import DEFAULT, Decoding, load_pixels, pixel_counts, stats_from_counts
 
 SPLITS = ("train", "val", "test", "challenge")
 TASKS = ("source", "target")
@@ -29,13 +37,51 @@ TASKS = ("source", "target")
 
 @dataclass
 class Split:
-    images: torch.Tensor          # (N, 3, H, W) uint8
+    images: torch.Tensor          # (N, 3, H, W) uint8 (or ImageRows: chosen rows of such tensors)
     labels: torch.Tensor | None   # (N,) int64, or None for an unlabelled split
     classes: list                 # class names, index = label
     filenames: list               # one per image: the CSV's filename, or the path under DIR
+    mean: list | None = None      # per-channel mean of `images` on the 0..1 scale (load_split sets it)
+    std: list | None = None       # per-channel standard deviation, likewise
 
     def __len__(self):
         return len(self.filenames)
+
+
+class ImageRows:
+    """Chosen rows of one or more uint8 (N, 3, H, W) tensors, seen as one, without copying them:
+    a pooled or k-fold split over memory-mapped pixels. Indexing (an int, a slice or an index
+    tensor) gathers just those rows into a new tensor, as indexing a tensor would."""
+
+    def __init__(self, parts, index=None):
+        self.parts = list(parts)
+        sizes = torch.tensor([len(part) for part in self.parts])
+        self.ends = sizes.cumsum(0)
+        self.index = torch.arange(int(sizes.sum())) if index is None else torch.as_tensor(index, dtype=torch.int64)
+        self.shape = (len(self.index), *self.parts[0].shape[1:])
+        self.dtype = self.parts[0].dtype
+
+    def __len__(self):
+        return len(self.index)
+
+    def subset(self, index):
+        return ImageRows(self.parts, self.index[torch.as_tensor(index, dtype=torch.int64)])
+
+    def __getitem__(self, key):
+        rows = self.index[key].contiguous()
+        if rows.dim() == 0:
+            return self._gather(rows.view(1))[0]
+        return self._gather(rows)
+
+    def _gather(self, rows):
+        out = torch.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        part_of = torch.bucketize(rows, self.ends, right=True)
+        for number, part in enumerate(self.parts):
+            mine = part_of == number
+            if mine.any():
+                start = int(self.ends[number]) - len(part)
+                out[mine] = part[rows[mine] - start]
+        return out
 
 
 def resolve_data_dir(data):
@@ -58,39 +104,56 @@ def detect_layout(root):
     raise UserError(f"--data {root}: neither layout: expected {CSV_NAME} or train/ val/ test/ folders")
 
 
-def load_split(data, split, task=None, image_size=64, skip_bad_images=False):
-    """Decode one split of the dataset at `data` into a Split."""
+def load_split(data, split, task=None, image_size=64, skip_bad_images=False, *, resize="squash",
+               max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
+    """One split of the dataset at `data` as a Split of uint8 (N, 3, image_size, image_size) images.
+
+    resize: lib.images' policy (squash, crop, pad); max_pixels: the largest image accepted (0: any).
+    cache_dir: the pixel cache folder, DEFAULT ($XDG_CACHE_HOME/landmark-classification/pixels),
+    or None to decode without keeping the pixels (lib.pixel_cache). Unreadable images are an
+    error naming the first, or with skip_bad_images left out with a warning.
+    """
     if split not in SPLITS:
         raise UserError(f"--split {split}: must be one of {', '.join(SPLITS)}")
+    check_resize(resize)
     root = resolve_data_dir(data).resolve()
     if detect_layout(root) == "csv":
-        paths, labels, classes = _read_csv(root, split, task)
-        names_from = (root / "images").resolve()
+        paths, labels, classes, names = _read_csv(root, split, task)
     else:
         paths, labels, classes = _read_imagefolder(root, split)
-        names_from = root
+        names = [str(p.relative_to(root)) for p in paths]
+        task = None
     if not paths:
         where = f"task {task!r}, partition {split!r}" if task else f"split {split!r}"
         raise UserError(f"--data {root}: no images for {where}")
-    images, keep = _decode_all(paths, image_size, skip_bad_images)
-    filenames = [str(p.relative_to(names_from)) for p, k in zip(paths, keep) if k]
+    pixels = load_pixels(paths, Decoding(image_size, resize, max_pixels), cache_dir,
+                         identity=f"{root}|{split}|{task}", label=f"{root.name} {split}{' ' + task if task else ''}")
+    if pixels.skipped and not skip_bad_images:
+        more = f" (and {len(pixels.skipped) - 1} more)" if len(pixels.skipped) > 1 else ""
+        raise BadImageError(f"{pixels.skipped[0]}{more}; --skip-bad-images leaves unreadable images out")
+    if not pixels.kept:
+        raise UserError(f"no readable images among {len(paths)} file(s)")
+    if pixels.skipped:
+        print(f"warning: skipped {len(pixels.skipped)} unreadable image(s), first: {pixels.skipped[0]}",
+              file=sys.stderr)
+    filenames = [names[i] for i in pixels.kept]
     if labels is not None:
-        labels = torch.tensor([l for l, k in zip(labels, keep) if k], dtype=torch.int64)
-    return Split(images, labels, classes, filenames)
+        labels = torch.tensor([labels[i] for i in pixels.kept], dtype=torch.int64)
+    return Split(torch.from_numpy(pixels.images), labels, classes, filenames, pixels.mean, pixels.std)
 
 
 def _read_csv(root, split, task):
+    """(paths, labels or None, classes, filenames as written) of the rows of `task` and `split`."""
     if task not in TASKS:
         raise UserError(f"--task {task}: the CSV layout needs --task, one of {', '.join(TASKS)}")
     csv_path = root / CSV_NAME
-    with open(csv_path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}")
-        rows = [r for r in reader if r["task"] == task]
+    reader = csv.DictReader(io.StringIO(_read_text(csv_path), newline=""))
+    missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise UserError(f"{csv_path}: missing column(s) {', '.join(missing)}")
+    rows = [r for r in reader if r["task"] == task]
     names = {}
-    for line, r in enumerate(rows, start=2):
+    for r in rows:
         if r["semantic_label"]:
             try:
                 number = int(r["numeric_label"])
@@ -104,27 +167,43 @@ def _read_csv(root, split, task):
         raise UserError(f"{csv_path}: numeric_label of task {task!r} must be 0..K-1, found {sorted(names)}")
     classes = [names[i] for i in range(len(names))]
     rows = [r for r in rows if r["partition"] == split]
-    images_dir = (root / "images").resolve()
-    paths = [_inside(images_dir, r["filename"], csv_path) for r in rows]
+    filenames = [r["filename"] for r in rows]
+    paths = [_inside(root / "images", name, csv_path) for name in filenames]
     if split == "challenge" or not rows:
-        return paths, None, classes
+        return paths, None, classes, filenames
     unlabelled = [r["filename"] for r in rows if not r["numeric_label"]]
     if unlabelled:
         raise UserError(f"{csv_path}: {len(unlabelled)} image(s) of partition {split!r} have no "
                         f"label, e.g. {unlabelled[0]}")
-    return paths, [int(r["numeric_label"]) for r in rows], classes
+    return paths, [int(r["numeric_label"]) for r in rows], classes, filenames
+
+
+def _read_text(csv_path):
+    """The CSV file as text: UTF-8, with or without a byte-order mark; anything else is refused
+    (a legacy code page cannot be told apart from UTF-8 reliably, and a guess would misname files)."""
+    data = csv_path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[:error.start].count(b"\n") + 1
+        raise UserError(f"{csv_path}: not UTF-8 (byte 0x{data[error.start]:02x} on line {line}); save it "
+                        "as UTF-8 (a spreadsheet's \"CSV UTF-8\"), e.g. iconv -f cp1252 -t utf-8") from None
 
 
 def _inside(folder, filename, csv_path):
-    """Refuse file names that escape the images folder (../, absolute paths, links out)."""
-    path = (folder / filename).resolve()
-    if not filename or os.path.isabs(filename) or not path.is_relative_to(folder):
-        raise UserError(f"{csv_path}: filename {filename!r} points outside {folder}")
-    return path
+    """folder/filename, refusing names that escape it as written: absolute paths and '..' parts.
+    A symbolic link inside the folder is the user's to place, and is followed wherever it points."""
+    if not filename or os.path.isabs(filename) or ".." in PurePosixPath(filename).parts:
+        raise UserError(f"{csv_path}: filename {filename!r} points outside {folder} "
+                        "(absolute paths and '..' are refused; a symbolic link inside it may point anywhere)")
+    return folder / filename
 
 
 def _image_files(folder):
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """(image files, how many other visible files) in `folder`, sorted; hidden files are ignored."""
+    files = sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+    images = [p for p in files if is_image_name(p)]
+    return images, len(files) - len(images)
 
 
 def _class_folders(folder):
@@ -136,53 +215,41 @@ def _read_imagefolder(root, split):
     if not folder.is_dir():
         raise UserError(f"--data {root}: no {split}/ folder")
     own = _class_folders(folder)
+    train_classes = _class_folders(root / "train") if (root / "train").is_dir() else None
+    loose, unknown_extension = _image_files(folder)
     if not own:
-        return _image_files(folder), None, _class_folders(root / "train") if (root / "train").is_dir() else []
-    stray = _image_files(folder)
-    if stray:
-        print(f"warning: {folder}: {len(stray)} image file(s) beside the class folders have no class "
-              f"and are not used, e.g. {stray[0].name}", file=sys.stderr)
-    classes = _class_folders(root / "train") if (root / "train").is_dir() else own
+        _warn_unknown_extensions(folder, unknown_extension)
+        return loose, None, train_classes or []
+    if loose:
+        print(f"warning: {folder}: {len(loose)} image file(s) beside the class folders have no class "
+              f"and are not used, e.g. {loose[0].name}", file=sys.stderr)
+    classes = train_classes or own
     unknown = [c for c in own if c not in classes]
     if unknown:
         raise UserError(f"{folder}: class folder(s) {', '.join(unknown)} are not in train/ "
                         f"({', '.join(classes)})")
-    paths, labels = [], []
+    paths, labels, unknown_extension = [], [], 0
     for label, name in enumerate(classes):
         if (folder / name).is_dir():
-            files = _image_files(folder / name)
+            files, others = _image_files(folder / name)
             paths += files
             labels += [label] * len(files)
+            unknown_extension += others
+    _warn_unknown_extensions(folder, unknown_extension)
     return paths, labels, classes
 
 
-def _decode_all(paths, image_size, skip_bad_images):
-    """Decode in a thread pool (pillow releases the GIL while decoding)."""
-    def decode(path):
-        try:
-            return decode_image(path, image_size)
-        except BadImageError as error:
-            if not skip_bad_images:
-                raise
-            return error
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        decoded = list(pool.map(decode, paths))
-    bad = [d for d in decoded if isinstance(d, BadImageError)]
-    if bad:
-        print(f"warning: skipped {len(bad)} unreadable image(s), first: {bad[0]}", file=sys.stderr)
-    keep = [not isinstance(d, BadImageError) for d in decoded]
-    good = [d for d in decoded if not isinstance(d, BadImageError)]
-    if not good:
-        raise UserError(f"no readable images among {len(paths)} file(s)")
-    images = torch.from_numpy(np.stack(good)).permute(0, 3, 1, 2).contiguous()
-    return images, keep
+def _warn_unknown_extensions(folder, count):
+    if count:
+        print(f"warning: {folder}: skipped {count} file(s) whose extension Pillow does not read "
+              "(lib.images.IMAGE_SUFFIXES lists those it does)", file=sys.stderr)
 
 
-def channel_stats(images):
-    """Per-channel mean and std of uint8 images, on the 0..1 scale, as plain lists."""
-    x = images.to(torch.float64) / 255
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
+def channel_stats(images, chunk=256):
+    """Per-channel mean and std (n - 1) of uint8 images (N, 3, H, W), on the 0..1 scale, as plain
+    lists; in chunks, with exact integer sums (load_split's Split carries them already)."""
+    counts = sum(pixel_counts(np.asarray(images[start:start + chunk])) for start in range(0, len(images), chunk))
+    return stats_from_counts(counts)
 
 
 def check_labels_in_classes(split, classes, where):

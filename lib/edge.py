@@ -1,7 +1,8 @@
 """Running an exported model with onnxruntime, numpy and pillow only: no torch, directly or not.
 
 Input contract of every model export.py writes: one input, uint8 pixels laid out (N, H, W, 3)
-in RGB order, as image libraries decode them, with H = W = the model's image size; the batch
+in RGB order, as image libraries decode them, with H = W = the model's image size, made square
+by the model's resize policy (the "resize" metadata entry; squash when absent); the batch
 size N is free. Scaling, mean/std normalisation and the change of layout happen inside the
 graph. The output is (N, C) class probabilities, or raw logits for a --raw-logits export (the
 "output" metadata entry says which); predict_proba returns probabilities either way.
@@ -19,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from lib.errors import UserError
-from lib.images import decode_image
+from lib.images import DEFAULT_MAX_PIXELS, check_resize, decode_image
 
 # Written by lib.onnx_export; bump both together if the meaning of the metadata changes.
 METADATA_FORMAT = "landmark-classification-onnx/1"
@@ -151,6 +152,7 @@ class OnnxClassifier:
         self.metadata = metadata
         self.classes = list(json.loads(metadata["classes"]))
         self.image_size = int(metadata["image_size"])
+        self.resize = check_resize(metadata.get("resize", "squash"), where=f"{path}: metadata resize")
         self.returns_logits = metadata["output"] == "logits"
         self.input_name = self.session.get_inputs()[0].name
 
@@ -179,9 +181,10 @@ class OnnxClassifier:
         scores = np.concatenate(outputs).astype(np.float32)
         return softmax(scores) if self.returns_logits else scores
 
-    def load_images(self, paths):
-        """Decode and resize image files as training did, stacked as (N, H, W, 3) uint8."""
-        return np.stack([decode_image(p, self.image_size) for p in paths])
+    def decode(self, path, max_pixels=DEFAULT_MAX_PIXELS):
+        """One image file as (H, W, 3) uint8, decoded and made square as training did
+        (lib.images.decode_image; BadImageError for a file it cannot read)."""
+        return decode_image(path, self.image_size, self.resize, max_pixels)
 
 
 # --- device benchmark ----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Evaluation: probabilities from a model file, then a report that does not care where they came from.
 
 load_predictor gives one interface over a PyTorch checkpoint and an exported .onnx model:
-.classes, .image_size, .task (None when the file does not say) and .predict(images, tta) ->
+.classes, .image_size, .resize, .task (None when the file does not say) and .predict(images, tta) ->
 numpy (N, C) probabilities for uint8 (N, 3, H, W) images. Test-time augmentation (tta)
 averages the image and its horizontal mirror. Everything after that is numpy arithmetic on
 labels and probabilities (lib.metrics), identical for both kinds of model.
@@ -25,6 +25,7 @@ class TorchPredictor:
         self.model = build_from_checkpoint(checkpoint, where=f"--checkpoint {path}").to(device)
         self.classes = list(checkpoint["classes"])
         self.image_size = checkpoint["image_size"]
+        self.resize = checkpoint.get("resize", "squash")
         self.task = checkpoint.get("task")
         self.mean, self.std, self.device = checkpoint["mean"], checkpoint["std"], device
 
@@ -41,14 +42,19 @@ class OnnxPredictor:
         self.session = OnnxClassifier(path)
         self.classes = list(self.session.classes)
         self.image_size = self.session.image_size
+        self.resize = self.session.resize
         self.task = None
 
-    def predict(self, images, tta=False):
-        pixels = images.permute(0, 2, 3, 1).contiguous().numpy()
-        probs = self.session.predict_proba(pixels)
-        if tta:
-            probs = (probs + self.session.predict_proba(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
-        return np.asarray(probs, dtype=np.float64)
+    def predict(self, images, tta=False, batch_size=256):
+        """In batches, so that only a batch of the split is ever copied to the model's NHWC layout."""
+        out = [np.empty((0, len(self.classes)))]
+        for start in range(0, len(images), batch_size):
+            pixels = images[start:start + batch_size].permute(0, 2, 3, 1).contiguous().numpy()
+            probs = self.session.predict_proba(pixels)
+            if tta:
+                probs = (probs + self.session.predict_proba(np.ascontiguousarray(pixels[:, :, ::-1]))) / 2
+            out.append(np.asarray(probs, dtype=np.float64))
+        return np.concatenate(out)
 
 
 def load_predictor(path, device):

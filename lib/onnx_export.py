@@ -75,6 +75,7 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verificatio
         "format": METADATA_FORMAT,
         "classes": json.dumps(list(checkpoint["classes"])),
         "image_size": str(checkpoint["image_size"]),
+        "resize": checkpoint.get("resize", "squash"),
         "mean": json.dumps([float(v) for v in checkpoint["mean"]]),
         "std": json.dumps([float(v) for v in checkpoint["std"]]),
         "input": INPUT_LAYOUT,
@@ -175,7 +176,7 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0)
             where = f"its data folder {data} is not here" if data else "it names no data folder"
             raise UserError(f"nothing to verify the export on: {where}; give --verify-data DIR, "
                             f"or --synthetic-verify for generated images")
-    part = load_split(data, split, task, checkpoint["image_size"])
+    part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"))
     if part.labels is not None:
         check_labels_in_classes(part, checkpoint["classes"], f"--verify-data {data}")
     folder = data if data == "demo" else str(Path(data).resolve())

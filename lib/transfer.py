@@ -126,8 +126,8 @@ def target_describe(source, task, classes, args, lineage_entry):
     lineage_entry = {**started_from, **lineage_entry}
     return {"model": source["model"], "stem": resolve_stem(source["model"], source["image_size"], source.get("stem")),
             "task": task, "classes": list(classes),
-            "image_size": source["image_size"], "mean": source["mean"], "std": source["std"],
-            "args": args, "lineage": lineage_entry}
+            "image_size": source["image_size"], "resize": source.get("resize", "squash"),
+            "mean": source["mean"], "std": source["std"], "args": args, "lineage": lineage_entry}
 
 
 def run_summary(label, model, run_dir):

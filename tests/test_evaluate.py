@@ -115,6 +115,7 @@ def test_onnx_branch_feeds_channels_last_pixels_and_mirrors_them(demo_data, targ
     class FakeOnnxClassifier:
         def __init__(self, path):
             self.classes, self.image_size = torch_predictor.classes, torch_predictor.image_size
+            self.resize = torch_predictor.resize
 
         def predict_proba(self, pixels):
             assert pixels.dtype == np.uint8 and pixels.shape[-1] == 3
