@@ -1,20 +1,46 @@
 #!/usr/bin/env bash
-# The whole job as a user types it: source training, transfer, evaluation, explanation, export.
-# Usage: bash pipeline.sh DATA OUT     (DATA: a dataset folder, or "demo" for the built-in one)
-# Environment: PYTHON, the interpreter (default: python); AMP, train.py's and transfer.py's
-# --amp (default: auto; AMP=off trains in float32 on any CPU); SEED, the --seed of train.py,
+# The whole job as a user types it: training (and transfer), evaluation, explanation, export.
+# Usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR] [--model NAME]
+#                         [--image-size N] [--resize squash|crop|pad]
+#   DATA: the dataset to end up with a model for, or "demo" for the built-in one.
+#   - DATA in the CSV layout with a source and a target task (the reference landmarks, demo):
+#     train.py on the source task, then transfer.py onto the target task.
+#   - DATA of one task (ImageFolder layout): train.py on it, once; no transfer step.
+#   - --source CKPT: transfer.py from that checkpoint onto DATA (its model, size and resize).
+#   - --source-data DIR: train.py on DIR (its source task if it has one), then transfer.py onto DATA.
+#   --model, --image-size and --resize go to train.py (a transfer takes them from its source).
+# Environment: PYTHON, the interpreter (default: python); AMP, the --amp of train.py and
+# transfer.py (default: auto; AMP=off trains in float32 on any CPU); SEED, the --seed of train.py,
 # transfer.py and export.py (default: 0).
 # Exit codes: 0 every step done; 3 every step done, but export.py's int8 gate refused every
 # recipe, so there is no model.int8.onnx (the verified fp32 model.onnx is written) and its
-# evaluation is skipped; otherwise the exit code of the step that failed (2: bad input or
-# usage, 130: interrupted), where the pipeline stops.
+# evaluation is skipped; 2 a bad command line; otherwise the exit code of the step that failed
+# (2: bad input, 130: interrupted), where the pipeline stops.
 set -euo pipefail
-if [ $# -ne 2 ]; then
-  echo "usage: bash pipeline.sh DATA OUT" >&2
+usage() {
+  echo "usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR] [--model NAME]" \
+       "[--image-size N] [--resize squash|crop|pad]" >&2
+  [ $# -eq 0 ] || echo "pipeline.sh: error: $*" >&2
   exit 2
-fi
+}
+[ $# -ge 2 ] || usage
 data=$1
 out=$2
+shift 2
+source_checkpoint="" source_data="" train_options=()
+while [ $# -gt 0 ]; do
+  [ $# -ge 2 ] || usage "$1 needs a value"
+  case $1 in
+    --source) source_checkpoint=$2 ;;
+    --source-data) source_data=$2 ;;
+    --model|--image-size|--resize) train_options+=("$1" "$2") ;;
+    *) usage "unknown option $1" ;;
+  esac
+  shift 2
+done
+[ -z "$source_checkpoint" ] || [ -z "$source_data" ] || usage "give --source or --source-data, not both"
+[ -z "$source_checkpoint" ] || [ ${#train_options[@]} -eq 0 ] ||
+  usage "${train_options[0]}: a transfer takes the model, image size and resize of --source $source_checkpoint"
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python}
 amp=${AMP:-auto}
@@ -28,19 +54,43 @@ step() {
   return $status
 }
 
-step train.py --data "$data" --task source --amp "$amp" --seed "$seed" --out "$out/source"
-step transfer.py --source "$out/source/model.pt" --data "$data" --task target --amp "$amp" --seed "$seed" --out "$out/target"
-step evaluate.py --checkpoint "$out/target/model.pt" --data "$data" --task target --split val --out "$out/target/eval"
-step explain.py --checkpoint "$out/target/model.pt" --data "$data" --task target --split val --out "$out/target/cam"
+# The task flag a dataset's training needs: the CSV layout holds tasks, ImageFolder data is one.
+has_tasks() { [ "$1" = demo ] || [ -f "$1/landmarks.csv" ]; }
+task_of() { if has_tasks "$1"; then echo "--task $2"; fi; }
+
+if [ -n "$source_checkpoint" ]; then
+  source_model=$source_checkpoint
+elif [ -n "$source_data" ] || has_tasks "$data"; then
+  # shellcheck disable=SC2046  # task_of gives two words or none
+  step train.py --data "${source_data:-$data}" $(task_of "${source_data:-$data}" source) "${train_options[@]}" \
+    --amp "$amp" --seed "$seed" --out "$out/source"
+  source_model=$out/source/model.pt
+fi
+task=$(task_of "$data" target)
+if [ -n "${source_model:-}" ]; then
+  model_dir=$out/target
+  # shellcheck disable=SC2086
+  step transfer.py --source "$source_model" --data "$data" $task --amp "$amp" --seed "$seed" --out "$model_dir"
+else
+  model_dir=$out/model
+  step train.py --data "$data" "${train_options[@]}" --amp "$amp" --seed "$seed" --out "$model_dir"
+fi
+model=$model_dir/model.pt
+# shellcheck disable=SC2086
+step evaluate.py --checkpoint "$model" --data "$data" $task --split val --out "$model_dir/eval"
+# shellcheck disable=SC2086
+step explain.py --checkpoint "$model" --data "$data" $task --split val --out "$model_dir/cam"
 exported=0
-step export.py --checkpoint "$out/target/model.pt" --out "$out/target/model.onnx" --quantize int8 --seed "$seed" || exported=$?
+step export.py --checkpoint "$model" --out "$model_dir/model.onnx" --quantize int8 --seed "$seed" || exported=$?
 if [ "$exported" -eq 3 ]; then
   echo "pipeline.sh: warning: no int8 model: export.py's gate refused every int8 recipe (figures above);" \
-       "the verified fp32 model is $out/target/model.onnx; skipping the int8 evaluation" >&2
+       "the verified fp32 model is $model_dir/model.onnx; skipping the int8 evaluation" >&2
 elif [ "$exported" -ne 0 ]; then
   exit "$exported"
 else
-  step evaluate.py --checkpoint "$out/target/model.int8.onnx" --data "$data" --task target --split val --out "$out/target/eval-int8"
+  # shellcheck disable=SC2086
+  step evaluate.py --checkpoint "$model_dir/model.int8.onnx" --data "$data" $task --split val \
+    --out "$model_dir/eval-int8"
 fi
-echo "done in $SECONDS s: $out"
+echo "done in $SECONDS s: $model_dir"
 exit "$exported"

@@ -470,35 +470,6 @@ def test_oldest_onnxruntime_gives_the_same_probabilities(cnn3_export, target_run
         _one_line_error(refused, f"{model}: needs onnxruntime >= {needed}, this is {OLDEST_TESTED_ONNXRUNTIME}")
 
 
-def test_pipeline_passes_seed_and_finishes_when_int8_is_refused(tmp_path):
-    """pipeline.sh's own logic, run with a stand-in interpreter that records each command and
-    lets export.py exit as told: SEED reaches train.py, transfer.py and export.py; export.py's
-    exit 3 (fp32 written, int8 refused) skips the int8 evaluation, warns and ends with 3; its
-    exit 2 stops the pipeline there with 2."""
-    calls_log, fake_python = tmp_path / "calls.log", tmp_path / "python"
-    fake_python.write_text('#!/usr/bin/env bash\necho "$(basename "$1") ${*:2}" >> "$CALLS"\n'
-                           '[ "$(basename "$1")" != export.py ] || exit "${EXPORT_STATUS:-0}"\n')
-    fake_python.chmod(0o755)
-
-    def pipeline(**env):
-        calls_log.unlink(missing_ok=True)
-        result = subprocess.run(["bash", str(REPO / "pipeline.sh"), "DATA", "OUT"], capture_output=True, text=True,
-                                env={**os.environ, "PYTHON": str(fake_python), "CALLS": str(calls_log), **env})
-        return result, calls_log.read_text().splitlines()
-
-    result, calls = pipeline(SEED="3")
-    assert result.returncode == 0, result.stderr
-    assert [c.split()[0] for c in calls] == ["train.py", "transfer.py", "evaluate.py", "explain.py", "export.py",
-                                             "evaluate.py"]
-    assert all(("--seed 3" in c) == c.startswith(("train.py", "transfer.py", "export.py")) for c in calls), calls
-    assert "--checkpoint OUT/target/model.int8.onnx" in calls[-1]
-    result, calls = pipeline(EXPORT_STATUS="3")
-    assert result.returncode == 3 and calls[-1].startswith("export.py") and "--seed 0" in calls[-1], calls
-    assert "pipeline.sh: warning: no int8 model" in result.stderr and "done in" in result.stdout
-    result, calls = pipeline(EXPORT_STATUS="2")
-    assert result.returncode == 2 and calls[-1].startswith("export.py") and "done in" not in result.stdout
-
-
 def test_the_gate_statistics_equal_their_references():
     """The vectorised bootstrap AUROC is scikit-learn's weighted AUROC (ties included), the
     paired difference at full weight is the difference of auroc(), and McNemar's exact p is the
