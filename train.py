@@ -8,7 +8,7 @@ import torch
 
 from lib import cli, distributed
 from lib.data import channel_stats, load_split
-from lib.engine import cost_summary, fit
+from lib.engine import cost_summary, fit, recall_summary
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, resolve_stem
 from lib.plots import plot_curves
 from lib.recipe import TrainConfig, config_from_args
@@ -50,8 +50,10 @@ def main(args):
     if distributed.is_main():
         plot_curves(history, out / "curves.png")
         chosen = chosen_row(history, config)
+        print(recall_summary(out / "model.pt"))
         print(f"{out / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
-              f"{chosen['val_accuracy']:.4f}, val AUROC {chosen['val_auroc']:.4f}; {cost_summary(history)}")
+              f"{chosen['val_accuracy']:.4f}, balanced accuracy {chosen['val_balanced_accuracy']:.4f}, "
+              f"AUROC {chosen['val_auroc']:.4f}; {cost_summary(history)}")
     distributed.cleanup()
 
 
