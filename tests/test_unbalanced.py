@@ -196,5 +196,6 @@ def test_resume_refuses_a_change_of_the_new_flags(demo_data, tmp_path):
     run_main("train.py", *common, "--mixup", "0.2")
     result = run_main("train.py", *common, "--mixup", "0.3", "--resume", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (f"train.py: error: --resume: {out / 'last.pt'} belongs to a run with different "
-                                     "--mixup (it had --mixup 0.2); resume with the same settings, or start a new --out")
+    assert result.stderr.strip() == (
+        f"train.py: error: --resume: {out / 'last.pt'} belongs to a run with different --mixup (it had --mixup 0.2); "
+        "resume with the same settings, or start a new --out")
