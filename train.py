@@ -10,7 +10,7 @@ import torch
 
 from lib import cli, distributed
 from lib.data import load_split
-from lib.engine import cost_summary, fit
+from lib.engine import cost_summary, fit, recall_summary
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
 from lib.plots import plot_curves
@@ -72,8 +72,10 @@ def main(args):
     if distributed.is_main():
         plot_curves(history, out / "curves.png")
         chosen = chosen_row(history, config)
+        print(recall_summary(out / "model.pt"))
         print(f"{out / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
-              f"{chosen['val_accuracy']:.4f}, val AUROC {chosen['val_auroc']:.4f}; {cost_summary(history)}")
+              f"{chosen['val_accuracy']:.4f}, balanced accuracy {chosen['val_balanced_accuracy']:.4f}, "
+              f"AUROC {chosen['val_auroc']:.4f}; {cost_summary(history)}")
     distributed.cleanup()
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lib import cli, distributed, transfer
 from lib.data import load_split
-from lib.engine import cost_summary, fit
+from lib.engine import cost_summary, fit, recall_summary
 from lib.models import stage_count
 from lib.plots import plot_curves, plot_sweep
 from lib.recipe import config_from_args
@@ -71,9 +71,11 @@ def main(args):
             rows.append(row)
             plot_curves(histories[label], run_dir / "curves.png")
             chosen = chosen_row(histories[label], config)
+            print(recall_summary(run_dir / "model.pt"))
             print(f"{run_dir / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
-                  f"{chosen['val_accuracy']:.4f}, val AUROC {chosen['val_auroc']:.4f}; best.pt: epoch "
-                  f"{row['best_epoch']}; {cost_summary(histories[label])}")
+                  f"{chosen['val_accuracy']:.4f}, balanced accuracy {chosen['val_balanced_accuracy']:.4f}, "
+                  f"AUROC {chosen['val_auroc']:.4f}; best.pt: epoch {row['best_epoch']}; "
+                  f"{cost_summary(histories[label])}")
     if len(rows) > 1:
         print(transfer.format_sweep(rows))
         transfer.write_sweep_csv(rows, out / "sweep.csv")

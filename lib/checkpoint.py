@@ -126,8 +126,9 @@ def without_training_state(checkpoint):
     return {k: v for k, v in checkpoint.items() if k not in TRAINING_KEYS}
 
 
-def _arg(name):
-    return lambda run: (run.get("args") or {}).get(name)
+def _arg(name, default=None):
+    """A flag's value in a run's args; `default` for runs from before the flag existed (they ran as its default)."""
+    return lambda run: (run.get("args") or {}).get(name, default)
 
 
 def _lineage(name):
@@ -162,6 +163,10 @@ RESUME_MUST_MATCH = (
     ("--weight-decay", _arg("weight_decay")),
     ("--label-smoothing", _arg("label_smoothing")),
     ("--augment", _arg("augment")),
+    ("--mixup", _arg("mixup", 0.0)),
+    ("--cutmix", _arg("cutmix", 0.0)),
+    ("--class-weights", _arg("class_weights", "none")),
+    ("--sampler", _arg("sampler", "shuffle")),
     ("--ema", _arg("ema")),
     ("--select-metric", _arg("select_metric")),
     ("--seed", _arg("seed")),

@@ -121,6 +121,7 @@ def add_run_args(parser, out_help, seed_help="seed for weights, shuffling and au
 def add_training_args(parser, defaults):
     """Training flags of train.py and transfer.py; defaults come from the recipe (TrainConfig)."""
     from lib.augment import PRESETS  # torch-free callers (predict.py) never reach this
+    from lib.balance import CLASS_WEIGHTS, SAMPLERS
 
     group = parser.add_argument_group("training (defaults are the recommended recipe)")
     group.add_argument("--epochs", type=positive_int, default=defaults.epochs)
@@ -140,6 +141,18 @@ def add_training_args(parser, defaults):
     group.add_argument("--label-smoothing", type=non_negative_float, default=defaults.label_smoothing)
     group.add_argument("--augment", choices=list(PRESETS), default=defaults.augment,
                        help="augmentation preset, from none to strong")
+    group.add_argument("--mixup", type=non_negative_float, default=defaults.mixup, metavar="ALPHA",
+                       help="MixUp after the augmentation: blend each batch's images and labels pairwise by "
+                            "lambda ~ Beta(ALPHA, ALPHA) (torchvision's v2.MixUp; 0.2 is common); 0 turns it off")
+    group.add_argument("--cutmix", type=non_negative_float, default=defaults.cutmix, metavar="ALPHA",
+                       help="CutMix: paste a box of another image of the batch, labels mixed by area (v2.CutMix; "
+                            "1.0 is common); 0 turns it off; with --mixup too, each batch gets one of the two")
+    group.add_argument("--class-weights", choices=list(CLASS_WEIGHTS), default=defaults.class_weights,
+                       help="balanced: weigh each image in the loss by n / (classes x its class's count) on the "
+                            "train split (scikit-learn's 'balanced'), so every class counts alike")
+    group.add_argument("--sampler", choices=list(SAMPLERS), default=defaults.sampler,
+                       help="shuffle: every image once per epoch; balanced: as many images drawn with probability "
+                            "inverse to their class's count (rare ones repeat), so classes come equally often")
     group.add_argument("--patience", type=positive_int, default=defaults.patience,
                        help="stop after this many epochs without a better validation score, once the learning "
                             "rate is down to a quarter of its peak (or falls no further)")
@@ -150,7 +163,9 @@ def add_training_args(parser, defaults):
                        help="which epoch OUT/model.pt holds: the best by --select-metric (best.pt's), or the last")
     group.add_argument("--select-metric", choices=["accuracy", "balanced_accuracy", "auroc", "loss"],
                        default=defaults.select_metric,
-                       help="the val metric that ranks epochs for best.pt, --select best and early stopping")
+                       help="the val metric that ranks epochs for best.pt, --select best and early stopping; "
+                            "balanced_accuracy (mean recall over classes) weighs every class alike and equals "
+                            "accuracy on a balanced val split")
     group.add_argument("--eval-every", type=positive_int, default=defaults.eval_every,
                        help="validate every this many epochs (and after the last one)")
     group.add_argument("--min-size", type=non_negative_int, default=defaults.min_size,

@@ -22,13 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
-from lib import distributed, flops, selection
+from lib import balance, distributed, flops, mixing, selection
 from lib.augment import augment_batch, normalize
 from lib.checkpoint import (FORMAT, check_resume, load_checkpoint, restore_training_state, save_checkpoint,
                             training_state, without_training_state)
 from lib.errors import UserError
 from lib.files import write_csv
-from lib.metrics import epoch_metrics
+from lib.loss import cross_entropy
+from lib.metrics import epoch_metrics, per_class_recall
 from lib.models import fixed_input_size
 from lib.recipe import autocast, make_ema, make_optimizer, make_scaler, make_scheduler, train_size
 
@@ -93,17 +94,27 @@ def cost_summary(history):
             f"{sum(row['seconds'] for row in history):.0f} s")
 
 
-def _epoch_batches(split, seed, epoch, batch_size):
+def recall_summary(path):
+    """The per-class val recall of a saved checkpoint (e.g. OUT/model.pt), for the scripts' closing lines."""
+    recall = load_checkpoint(path)["metrics"].get("val_recall") or {}
+    return "val recall per class: " + ", ".join(
+        f"{name} {'-' if value is None else f'{value:.3f}'}" for name, value in recall.items())
+
+
+def _epoch_batches(split, seed, epoch, batch_size, sampler="shuffle"):
     """This process's batches of one epoch, as index tensors.
 
     Randomness is a function of (seed, epoch), not carried state, so a resumed run repeats an
     uninterrupted one. The order is shared by all processes (each takes its equal-length
-    share, padded by DistributedSampler).
+    share, padded by DistributedSampler; --sampler balanced: lib.balance.balanced_order).
     """
-    sampler = DistributedSampler(split, num_replicas=distributed.world_size(), rank=distributed.rank(),
-                                 shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    order = torch.tensor(list(sampler), dtype=torch.int64)
+    if sampler == "balanced":
+        order = balance.balanced_order(split.labels, seed, epoch, distributed.world_size(), distributed.rank())
+    else:
+        shuffle = DistributedSampler(split, num_replicas=distributed.world_size(), rank=distributed.rank(),
+                                     shuffle=True, seed=seed)
+        shuffle.set_epoch(epoch)
+        order = torch.tensor(list(shuffle), dtype=torch.int64)
     local_batch = max(batch_size // distributed.world_size(), 1)
     # Drop a last batch of one image: BatchNorm cannot train on it.
     batches = [order[i:i + local_batch] for i in range(0, len(order), local_batch)]
@@ -191,12 +202,13 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     mean, std, image_size = describe["mean"], describe["std"], train.images.shape[-1]
     check_splits(train, val)
     selection.check_choice(config.select, config.select_metric)
+    balance.check_choice(config.class_weights, config.sampler)
     if config.min_size and fixed_input_size(describe.get("model", "")):
         config = replace(config, min_size=0)
         if distributed.is_main():
             print(f"note: {describe['model']} takes {image_size} px inputs only, so every epoch trains at "
                   f"{image_size} px (--min-size is for models that pool globally)")
-    first_batches = _epoch_batches(train, seed, 1, config.batch_size)
+    first_batches = _epoch_batches(train, seed, 1, config.batch_size, config.sampler)
     check_input_sizes(model, frozen_modules, describe.get("model", "the model"), config, image_size,
                       min(len(batch) for batch in first_batches))
     model.to(device)
@@ -209,6 +221,10 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     ema = make_ema(model, config.ema)
     evaluated = ema.module if ema else model
     compute = ComputeCounter(model, len(train.classes), image_size)
+    weights = None
+    if config.class_weights == "balanced":
+        weights = balance.class_weights(train.labels, len(train.classes)).to(device)
+    mixer = mixing.make_mixer(config.mixup, config.cutmix, len(train.classes))
     selector = selection.Selector(config.select_metric, config.patience, config)
     history, start_epoch, best_probs, last_probs = [], 1, None, None
     if resume:
@@ -222,6 +238,9 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     note = selection.balance_note(val.labels, len(val.classes), config.select_metric)
     if note and distributed.is_main():
         print(note)
+    if weights is not None and distributed.is_main():
+        print("class weights (balanced, from the train split): " +
+              ", ".join(f"{name} {w:.3g}" for name, w in zip(train.classes, weights.tolist())))
     net = model
     if distributed.world_size() > 1:
         if config.sync_bn and device.type != "cuda":
@@ -245,9 +264,9 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                 break
             started = time.perf_counter()
             size = train_size(epoch, config.epochs, config.min_size, image_size)
-            batches = _epoch_batches(train, seed, epoch, config.batch_size)
+            batches = _epoch_batches(train, seed, epoch, config.batch_size, config.sampler)
             train_stats, lr = _train_epoch(net, model, ema, frozen_modules, train, batches, mean, std, config,
-                                           optimizer, scheduler, scaler, seed, device, epoch, size)
+                                           optimizer, scheduler, scaler, seed, device, epoch, size, weights, mixer)
             distributed.average_buffers(model)
             if ema:
                 distributed.average_buffers(ema.module)
@@ -257,6 +276,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                 val_probs = distributed.gather_in_order(
                     predict_probs(evaluated, distributed.shard(val.images), mean, std, device), len(val))
                 val_stats, last_probs = epoch_metrics(val.labels, val_probs), val_probs
+                recall = per_class_recall(val.labels, val_probs, val.classes)
             else:
                 val_stats = {key: None for key in train_stats}
             tflop = compute.epoch(sum(len(b) for b in batches) * distributed.world_size(), size,
@@ -272,7 +292,9 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             if improved:
                 best_probs = val_probs
             if distributed.is_main():
-                checkpoint = {"format": FORMAT, **describe, "epoch": epoch, "metrics": row,
+                # Per-class recall travels in the checkpoints only: metrics.csv keeps one column per number.
+                checkpoint = {"format": FORMAT, **describe, "epoch": epoch,
+                              "metrics": {**row, "val_recall": recall} if validate else row,
                               "state_dict": evaluated.state_dict()}
                 if improved:
                     save_checkpoint(checkpoint, out / "best.pt")
@@ -319,8 +341,12 @@ def write_recommended(out, config):
 
 
 def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, config, optimizer, scheduler, scaler,
-                 seed, device, epoch, size):
-    """One pass over `batches`; returns the epoch's training metrics and mean learning rate."""
+                 seed, device, epoch, size, class_weights=None, mixer=None):
+    """One pass over `batches`; returns the epoch's training metrics and mean learning rate.
+
+    class_weights (C,) or None weigh the loss (lib.loss); mixer (lib.mixing) or None mixes each
+    augmented batch, seeded by the step. Training metrics are against each image's hard label:
+    with mixing, the label that dominates its mixture (as torchvision's reference scripts count)."""
     set_train_mode(net, frozen_modules)
     # Augmentation differs per process and epoch, and repeats for the same seed.
     augment_seed = ((seed * 1_000_003 + epoch) * 1_009 + distributed.rank()) % 2**63
@@ -331,14 +357,17 @@ def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, con
     probs, rates, filled = torch.empty(len(labels), len(split.classes)), [], 0
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr,
                disable=None if distributed.is_main() else True)
-    for index in bar:
-        x = normalize(augment_batch(split.images[index], config.augment, generator, size).to(device), mean, std)
-        y = split.labels[index].to(device)
+    for step, index in enumerate(bar):
+        x, y = augment_batch(split.images[index], config.augment, generator, size), split.labels[index]
+        targets = F.one_hot(y, len(split.classes)).float()
+        if mixer:
+            x, targets = mixing.mix(mixer, x, y, mixing.step_seed(seed, epoch, step, distributed.rank()))
+        x, y, targets = normalize(x.to(device), mean, std), targets.argmax(1).to(device), targets.to(device)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, config.amp):
             logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=config.label_smoothing)
+            loss = cross_entropy(logits.float(), targets, class_weights, config.label_smoothing)
         # Decided by all processes together: one raising alone would leave the others waiting
         # in backward's all-reduce forever.
         value = loss.item()
@@ -358,6 +387,7 @@ def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, con
         labels[filled:filled + len(y)] = y.cpu()
         probs[filled:filled + len(y)] = F.softmax(logits.detach().float(), dim=1).cpu()
         filled += len(y)
-    # Plain cross-entropy of the augmented batches (of all processes), comparable with the validation loss.
+    # Plain cross-entropy of the augmented batches (of all processes) against their hard labels,
+    # comparable with the validation loss.
     stats = epoch_metrics(distributed.gather_all(labels), distributed.gather_all(probs))
     return stats, sum(rates) / len(rates)

@@ -59,6 +59,15 @@ def balanced_accuracy(labels, predicted):
         return float(skm.balanced_accuracy_score(labels, predicted))
 
 
+def per_class_recall(labels, probs, classes):
+    """{class name: recall} of labels (N,) and probabilities (N, C): the share of each class's images
+    predicted as that class; None for a class without images."""
+    labels, probs = _as_numpy(labels, probs)
+    recall = skm.recall_score(labels, probs.argmax(1), labels=range(len(classes)), average=None, zero_division=0)
+    counts = np.bincount(labels, minlength=len(classes))
+    return {name: float(recall[i]) if counts[i] else None for i, name in enumerate(classes)}
+
+
 def epoch_metrics(labels, probs):
     """The few numbers logged every epoch."""
     labels, probs = _as_numpy(labels, probs)

@@ -1,7 +1,9 @@
 """Checkpoint selection: which epoch a run recommends, and when it may stop early.
 
-- best.pt is the best validated epoch by --select-metric (loss, accuracy, auroc or
-  balanced_accuracy; ties broken by the others: accuracy, then AUROC, then lower loss).
+- best.pt is the best validated epoch by --select-metric (balanced_accuracy by default, the mean
+  recall over classes: a frequent class cannot dominate it, and on a balanced val split it equals
+  accuracy; or accuracy, auroc, loss; ties broken by the others: accuracy, then AUROC, then lower
+  loss).
 - OUT/model.pt is the checkpoint the run recommends: best.pt's epoch with --select best, the
   last epoch with --select last (what a long schedule ends on once its learning rate has
   annealed: on a small val split, "best" is decided by one or two images).
@@ -24,6 +26,9 @@ from lib.recipe import config_lr_factor
 SELECTS = ("best", "last")
 # +1: higher is better. The order is the tie-break order after the chosen metric.
 METRICS = {"accuracy": 1, "auroc": 1, "loss": -1, "balanced_accuracy": 1}
+# Mean recall over classes, and AUROC (of class 1, or the mean of each class's one-vs-rest): the
+# metrics that a frequent class cannot dominate. The others average over images.
+CLASS_BALANCED = ("balanced_accuracy", "auroc")
 STOP_BELOW_PEAK = 0.25
 # A val split whose largest class has more than this many times the images of its smallest is
 # "unbalanced": accuracy then ranks epochs mostly by the large classes.
@@ -39,9 +44,12 @@ def check_choice(select, metric):
 
 
 def score(row, metric):
-    """The sort key of a validated history row: higher is better."""
+    """The sort key of a validated history row: higher is better.
+
+    Rounded to 12 digits: on a balanced val split balanced accuracy equals accuracy, but sums
+    in another order, and a last-bit difference must not decide a tie the next metric breaks."""
     order = [metric] + [m for m in METRICS if m != metric]
-    return tuple(METRICS[m] * row[f"val_{m}"] for m in order if row.get(f"val_{m}") is not None)
+    return tuple(round(METRICS[m] * row[f"val_{m}"], 12) for m in order if row.get(f"val_{m}") is not None)
 
 
 def stop_allowed(epoch, config):
@@ -149,10 +157,14 @@ def ranking_note(labels, best_epoch, best_probs, last_epoch, last_probs, metric)
 
 
 def balance_note(labels, num_classes, metric):
-    """A log line when accuracy selects on an unbalanced val split, else None."""
+    """A log line on an unbalanced val split, saying whether `metric` weighs every class alike; None
+    on a balanced one."""
     counts = np.bincount(np.asarray(labels), minlength=num_classes)
     present = counts[counts > 0]
-    if metric != "accuracy" or present.max() <= UNBALANCED_RATIO * present.min():
+    if present.max() <= UNBALANCED_RATIO * present.min():
         return None
-    return (f"note: the val split is unbalanced (class sizes {present.min()} to {present.max()}): accuracy ranks "
-            f"epochs mostly by the large classes; --select-metric balanced_accuracy or auroc weighs every class alike")
+    unbalanced = f"note: the val split is unbalanced (class sizes {present.min()} to {present.max()}): "
+    if metric in CLASS_BALANCED:
+        return unbalanced + f"epochs are ranked by {metric}, which weighs every class alike"
+    return (unbalanced + f"{metric} ranks epochs mostly by the large classes; --select-metric "
+            f"{' or '.join(CLASS_BALANCED)} weighs every class alike")

@@ -27,7 +27,7 @@ from lib.weights import WEIGHTS_LINEAGE
 # augmentation and progressive resizing (as in train.py) gave the best val loss and AUROC; the
 # strong augmentation and freezing more stages did worse. 7 steps an epoch on 420 images: the
 # weight average needs a shorter memory than train.py's. Validating 140 images is cheap.
-# OUT/model.pt is best.pt's epoch (select="best", by val accuracy) until crossval.py's nested
+# OUT/model.pt is best.pt's epoch (select="best", by val balanced accuracy) until crossval.py's nested
 # cross-validation has scored the rules (lib.selection).
 RECIPE = TrainConfig(epochs=20, lr=1e-3, patience=8, ema=0.95, eval_every=1, select="best")
 DEFAULT_FREEZE = ["1"]

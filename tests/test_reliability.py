@@ -322,7 +322,7 @@ def test_resume_with_other_settings_is_refused_in_one_line(source_run, uninterru
                          (["--batch-size", "16"], "--batch-size 32"), (["--epochs", "4"], "--epochs 3"),
                          (["--min-size", "0"], "--min-size 16"), (["--warmup-epochs", "0"], "--warmup-epochs 1.0"),
                          (["--lr", "1e-3"], "--lr 0.002"), (["--scheduler", "linear"], "--scheduler cosine"),
-                         (["--select-metric", "loss"], "--select-metric accuracy"), (["--seed", "1"], "--seed 0")]:
+                         (["--select-metric", "loss"], "--select-metric balanced_accuracy"), (["--seed", "1"], "--seed 0")]:
         flag = changed[0]
         result = run_main("train.py", "--data", demo_data, *INTERRUPTED, *changed, "--out", out, "--resume",
                           check=False)

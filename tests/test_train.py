@@ -199,7 +199,7 @@ def test_early_stopping_waits_for_the_learning_rate_to_fall(tmp_path, monkeypatc
     assert [row["epoch"] for row in last["history"]] == list(range(1, 8))
     assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
     model = load_checkpoint(tmp_path / "model.pt")
-    assert model["epoch"] == 7 and model["selection"] == {"select": "last", "metric": "accuracy", "epoch": 7}
+    assert model["epoch"] == 7 and model["selection"] == {"select": "last", "metric": "balanced_accuracy", "epoch": 7}
     assert "training" not in model and "history" not in model, "model.pt holds no training state"
     for key, tensor in last["state_dict"].items():
         assert torch.equal(model["state_dict"][key], tensor), key
@@ -274,5 +274,6 @@ def test_log_says_when_val_is_too_small_to_rank_epochs():
 
 def test_log_says_when_accuracy_selects_on_an_unbalanced_val_split():
     assert "unbalanced (class sizes 10 to 30)" in balance_note(torch.tensor([0] * 30 + [1] * 10), 2, "accuracy")
-    assert balance_note(torch.tensor([0] * 30 + [1] * 10), 2, "balanced_accuracy") is None
+    assert "ranked by balanced_accuracy, which weighs every class alike" in balance_note(
+        torch.tensor([0] * 30 + [1] * 10), 2, "balanced_accuracy")
     assert balance_note(torch.tensor([0] * 12 + [1] * 10), 2, "accuracy") is None
