@@ -103,22 +103,43 @@ def recipes_to_try(target, first_method="minmax"):
 
 
 def _end_layers(model_proto):
-    """Names of the first convolution and the last Gemm/MatMul (the classifier) in graph order."""
+    """Names of the first convolution and the last Gemm/MatMul (the classifier) in graph order;
+    in an ensemble (lib.models.Ensemble) every member's: the convolutions that read what the
+    first one reads, and the Gemm/MatMul feeding each member's LogSoftmax."""
     nodes = model_proto.graph.node
-    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    first = next((n for n in nodes if n.op_type == "Conv"), None)
+    firsts = [n.name for n in nodes if first is not None and n.op_type == "Conv" and n.input[0] == first.input[0]]
+    producer = {output: n for n in nodes for output in n.output}
+    heads = [producer.get(n.input[0]) for n in nodes if n.op_type == "LogSoftmax"]
+    classifiers = [h.name for h in heads if h is not None and h.op_type in ("Gemm", "MatMul")]
     last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
-    return [name for name in (first, last) if name]
+    return [name for name in firsts + (classifiers or [last]) if name]
+
+
+def _pre_process(fp32_path, prepared):
+    """onnxruntime's quant_pre_process; without its symbolic shape inference where that fails.
+    That inference (written for transformers' dynamic shapes) loses the batch dimension of some
+    layers (it cannot read the axes input of opset 18's ReduceMax, fastnet's global max-pool),
+    and then gives up where an ensemble's members meet, with an Exception or a TypeError
+    depending on the model. onnx's own shape inference, which quant_pre_process runs as well,
+    infers every shape of those graphs."""
+    from onnxruntime.quantization import quant_pre_process
+
+    try:
+        quant_pre_process(str(fp32_path), str(prepared))
+    except Exception:  # onnxruntime raises bare Exceptions here; a real problem fails again below
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
 
 
 def quantize_int8(fp32_path, out, calibration_pixels, recipe, metadata=None):
     """Static QDQ int8 quantization of the model at fp32_path by `recipe` (a Recipe), calibrated
     on uint8 (N, H, W, 3) pixels.
 
-    quant_pre_process first (shape inference and the graph simplifications onnxruntime
-    recommends before quantizing). The result keeps the float model's opset, IR version and
+    _pre_process first (shape inference and the graph simplifications onnxruntime recommends
+    before quantizing). The result keeps the float model's opset, IR version and
     metadata, plus the recipe's (`quantization`) and `metadata`.
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
 
     spec = TARGETS[recipe.target]
@@ -130,7 +151,7 @@ def quantize_int8(fp32_path, out, calibration_pixels, recipe, metadata=None):
     inherited = read_metadata(fp32_path)
     with tempfile.TemporaryDirectory() as scratch:
         prepared, ranges, quantized_path = (Path(scratch) / name for name in ("prepared.onnx", "ranges.json", "int8.onnx"))
-        quant_pre_process(str(fp32_path), str(prepared))
+        _pre_process(fp32_path, prepared)
         kept_float = _end_layers(onnx.load(str(prepared))) if recipe.float_ends else []
         calibrator = create_calibrator(prepared, QUANTIZED_OPS, augmented_model_path=str(Path(scratch) / "augmented.onnx"),
                                        calibrate_method=calibrate_method, extra_options=options)
