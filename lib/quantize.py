@@ -116,30 +116,15 @@ def _end_layers(model_proto):
     return [name for name in firsts + (classifiers or [last]) if name]
 
 
-def _pre_process(fp32_path, prepared):
-    """onnxruntime's quant_pre_process; without its symbolic shape inference where that fails.
-    That inference (written for transformers' dynamic shapes) loses the batch dimension of some
-    layers (it cannot read the axes input of opset 18's ReduceMax, fastnet's global max-pool),
-    and then gives up where an ensemble's members meet, with an Exception or a TypeError
-    depending on the model. onnx's own shape inference, which quant_pre_process runs as well,
-    infers every shape of those graphs."""
-    from onnxruntime.quantization import quant_pre_process
-
-    try:
-        quant_pre_process(str(fp32_path), str(prepared))
-    except Exception:  # onnxruntime raises bare Exceptions here; a real problem fails again below
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-
-
 def quantize_int8(fp32_path, out, calibration_pixels, recipe, metadata=None):
     """Static QDQ int8 quantization of the model at fp32_path by `recipe` (a Recipe), calibrated
     on uint8 (N, H, W, 3) pixels.
 
-    _pre_process first (shape inference and the graph simplifications onnxruntime recommends
-    before quantizing). The result keeps the float model's opset, IR version and
+    quant_pre_process first (shape inference and the graph simplifications onnxruntime
+    recommends before quantizing). The result keeps the float model's opset, IR version and
     metadata, plus the recipe's (`quantization`) and `metadata`.
     """
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
     from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator, save_tensors_data
 
     spec = TARGETS[recipe.target]
@@ -151,7 +136,12 @@ def quantize_int8(fp32_path, out, calibration_pixels, recipe, metadata=None):
     inherited = read_metadata(fp32_path)
     with tempfile.TemporaryDirectory() as scratch:
         prepared, ranges, quantized_path = (Path(scratch) / name for name in ("prepared.onnx", "ranges.json", "int8.onnx"))
-        _pre_process(fp32_path, prepared)
+        # Symbolic shape inference (written for transformers' dynamic shapes) loses the batch dimension
+        # of some layers (it cannot read the axes input of opset 18's ReduceMax, fastnet's global
+        # max-pool) and gives up where an ensemble's members meet, leaving sym_shape_infer_temp.onnx
+        # in the working folder; onnx's shape inference, which quant_pre_process runs too, infers it all.
+        ensemble = json.loads(inherited.get("ensemble", "null")) is not None
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=ensemble)
         kept_float = _end_layers(onnx.load(str(prepared))) if recipe.float_ends else []
         calibrator = create_calibrator(prepared, QUANTIZED_OPS, augmented_model_path=str(Path(scratch) / "augmented.onnx"),
                                        calibrate_method=calibrate_method, extra_options=options)
