@@ -4,6 +4,7 @@ Example: python explain.py --checkpoint runs/target/best.pt --data DIR --task ta
 Side by side: python explain.py --compare runs/a/best.pt runs/b/best.pt --data DIR --task target --out cam_ab
 Writes OUT/grid.png, OUT/images/NNN_<name>.png (original | overlay per image) and OUT/cam_stats.json,
 and prints each model's attention summary. Image size, mean, std and classes come from the checkpoint.
+An ensemble checkpoint is explained at the layer(s) of every member, for the ensemble's prediction.
 """
 from pathlib import Path
 
@@ -12,7 +13,6 @@ from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
 from lib.data import SPLITS, check_labels_in_classes
 from lib.errors import UserError
 from lib.files import write_json
-from lib.models import default_cam_layer
 
 
 def get_args_parser():
@@ -33,7 +33,8 @@ def get_args_parser():
                        help="class name or index whose map to draw; if not given, each image's predicted class")
     group.add_argument("--layer", nargs="+", metavar="NAME",
                        help="target layer(s) by module name, dotted for inner ones (e.g. layer4.1); several "
-                            "are averaged; if not given, the model's own (train.py --help lists them; "
+                            "are averaged (in an ensemble: these layers of every member); if not given, "
+                            "the model's own (train.py --help lists them; "
                             "e.g. layer3 for ResNets, the last block at 1/16 resolution for MobileNets)")
     group.add_argument("--sanity", action="store_true",
                        help="also correlate the maps with those of the same model re-initialised "
@@ -64,7 +65,7 @@ def main(args):
     for i, (path, checkpoint) in enumerate(zip(paths, checkpoints)):
         label = f"{'AB'[i]}: " if args.compare else ""
         model = build_from_checkpoint(checkpoint, where=f"checkpoint {path}")
-        layers = args.layer or [default_cam_layer(checkpoint["model"])]
+        layers = cam.target_layers(model, checkpoint["model"], args.layer)
         explanations.append(cam.explain_checkpoint(
             label, {"checkpoint": str(path), "sha256": file_hash(path)}, checkpoint, model, split.images,
             device, args.method, layers, target, sanity_seed=args.seed if args.sanity else None))

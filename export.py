@@ -2,6 +2,8 @@
 
 Example: python export.py --checkpoint runs/target/best.pt --out runs/target/model.onnx --quantize int8 --target arm64
 Input (N, H, W, 3) uint8 RGB, output (N, C) probabilities; see lib/edge.py for the contract.
+An ensemble checkpoint (transfer.py --seeds, ensemble.py) becomes one graph that runs every
+member and outputs the mean of their probabilities.
 The model is checked against PyTorch on real images at batch 1 and 64 before it is written:
 a probability differing by more than --tolerance exits non-zero and writes nothing.
 With --quantize int8 also writes OUT's name with .int8.onnx, with --optimize .optimized.onnx;
@@ -17,11 +19,10 @@ from pathlib import Path
 
 import onnxruntime
 
-from lib import cli
+from lib import cli, ensemble
 from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
-from lib.flops import inference_flops
 from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, benchmark_table, describe_images,
                              export_onnx, model_metadata, optimize_for_runtime, reference_images, stamp_metadata,
                              to_nhwc, verification_table, verify)
@@ -121,15 +122,15 @@ def main(args):
     checkpoint = load_checkpoint(args.checkpoint)
     network = build_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}")
     images, labels, source = reference_images(checkpoint, args.verify_data, args.verify_split, args.synthetic_verify)
-    gflop = inference_flops(network, checkpoint["image_size"]) / 1e9
+    gflop = ensemble.gflop_per_image(checkpoint, network)
     metadata = model_metadata(checkpoint, file_hash(args.checkpoint), args.raw_logits, args.opset, source, gflop)
     outputs["fp32"].parent.mkdir(parents=True, exist_ok=True)
     # Everything is written beside OUT first and moved into place only once verified.
     with tempfile.TemporaryDirectory(dir=outputs["fp32"].parent, prefix=".export.") as scratch:
         staged = {name: Path(scratch) / path.name for name, path in outputs.items()}
         wrapper = export_onnx(network, checkpoint, metadata, staged["fp32"], args.raw_logits, args.opset)
-        print(f"exported {checkpoint['model']} ({metadata['stem']} stem, {gflop:.3f} GFLOP per image; opset "
-              f"{args.opset}, onnxruntime >= {RUNTIME_FOR_OPSET[args.opset]}, input uint8 "
+        print(f"exported {ensemble.describe(checkpoint)} ({metadata['stem']} stem, {ensemble.cost(checkpoint, gflop)}; "
+              f"opset {args.opset}, onnxruntime >= {RUNTIME_FOR_OPSET[args.opset]}, input uint8 "
               f"N,{checkpoint['image_size']},{checkpoint['image_size']},3 RGB) -> {outputs['fp32']}")
         if args.optimize:
             optimize_for_runtime(staged["fp32"], staged["optimized"])

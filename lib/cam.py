@@ -14,6 +14,16 @@ over positions, and cnn3's classifier reads positions separately, so the signs c
 Sanity check (Adebayo et al., "Sanity Checks for Saliency Maps", 2018): maps of the trained
 model should differ from those of the same architecture with re-initialised weights; a mean
 correlation near 1 means the map shows the image (edges, brightness), not what was learnt.
+
+An ensemble (lib.models.Ensemble) is explained at its members' layers (target_layers), for the
+ensemble's own class score. With several layers pytorch-grad-cam (1.5) makes one map per layer,
+rectifies it and scales it to [0, 1] on its own, averages the maps and scales the mean again
+(BaseCAM.aggregate_multi_layers): every member counts alike, whatever its share of the gradient.
+It pairs the layers' activations (recorded in forward order) with their gradients (recorded as
+backward reaches them, assumed to be the reverse order); the members are parallel branches, and
+PyTorch's autograd runs the most recently created ready node first, so it finishes the last
+member's branch before the one before: the reverse order holds (tests/test_ensemble.py checks
+that the maps equal those made one layer at a time). --sanity re-initialises every member.
 """
 import contextlib
 import io
@@ -31,7 +41,8 @@ from lib.data import Split, load_split
 from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.images import DEFAULT_MAX_PIXELS, decode_image
-from lib.models import cam_reshape
+from lib.ensemble import describe
+from lib.models import Ensemble, cam_reshape, default_cam_layer
 from lib.pixel_cache import DEFAULT
 from lib.plots import plt, save_figure
 
@@ -68,6 +79,16 @@ def resolve_layers(model, names):
             raise UserError(f"--layer {name!r}: no such layer; top-level layers are {top} "
                             "(inner ones with dots, e.g. layer4.1)")
     return [modules[name] for name in names]
+
+
+def target_layers(model, name, layer_names=None):
+    """Names of the layers to explain: `layer_names` (--layer) or the default of model `name`
+    (lib.models.default_cam_layer); in an Ensemble, those layers of every member, member by member."""
+    names = list(layer_names or [default_cam_layer(name)])
+    if not isinstance(model, Ensemble):
+        return names
+    resolve_layers(model.members[0], names)  # a wrong name is reported with a member's layers
+    return [f"members.{i}.{layer}" for i in range(len(model.members)) for layer in names]
 
 
 def class_index(target_class, classes):
@@ -301,7 +322,7 @@ def stats_record(split, explanations, method):
         per_image = [{"pred": classes[int(e.probs[i].argmax())], "prob": round(float(e.probs[i].max()), 4),
                       "map_of": classes[int(e.targets[i])],
                       **{r: _number(e.per_image[r][i]) for r in REGIONS}} for i in range(len(split))]
-        models.append({"label": e.label.rstrip(": "), **e.source, "model": e.checkpoint["model"],
+        models.append({"label": e.label.rstrip(": "), **e.source, "model": describe(e.checkpoint),
                        "layers": e.layers, "summary": e.summary, "sanity": e.sanity, "images": per_image})
     return {"method": method, "regions": {r: {"rows": rows, "cols": cols} for r, (rows, cols) in REGIONS.items()},
             "images": [{"filename": f, "true": None if split.labels is None else classes[int(split.labels[i])]}
@@ -311,7 +332,7 @@ def stats_record(split, explanations, method):
 
 def format_summary(explanation, method):
     s = explanation.summary
-    lines = [f"{explanation.label}{explanation.checkpoint['model']}, {method} at {'+'.join(explanation.layers)}, "
+    lines = [f"{explanation.label}{describe(explanation.checkpoint)}, {method} at {'+'.join(explanation.layers)}, "
              f"{s['images']} images: mass in top third {_fmt(s['top_third'])}, central {_fmt(s['central'])}"
              + (f"; {s['empty_maps']} empty map(s), no positive evidence at this layer (--method layercam "
                 "weighs each position on its own)" if s["empty_maps"] else "")]

@@ -5,7 +5,8 @@ torch.load(path, weights_only=True): a file that would run code on load is refus
 Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes,
 image_size, mean, std, args, epoch, metrics, state_dict; lineage for transferred models
 (lib.transfer) and those started from a weights file (lib.weights);
-selection in OUT/model.pt (which rule chose it). OUT/last.pt adds history and `training`, the
+selection in OUT/model.pt (which rule chose it); ensemble in an ensemble checkpoint (lib.ensemble:
+its state_dict holds every member's weights). OUT/last.pt adds history and `training`, the
 state a resumed run continues from (training_state / restore_training_state).
 
 FORMAT changes when the contents do. Format 1 (before the `training` entry, with the older
@@ -21,7 +22,7 @@ import torch
 
 from lib.errors import UserError
 from lib.files import atomic_write
-from lib.models import MODELS, build_model, stems_of
+from lib.models import MODELS, Ensemble, build_model, stems_of
 
 FORMAT = "landmark-classification/2"
 READABLE = (FORMAT, "landmark-classification/1")
@@ -68,7 +69,8 @@ def file_hash(path):
 def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
     """The network a checkpoint describes (model, stem, classes, image size) in eval mode, with its
     weights; load_weights=False gives a fresh initialisation of the same network (Grad-CAM's
-    sanity check). Every rebuild goes through here, so none can forget a part of the description."""
+    sanity check). Every rebuild goes through here, so none can forget a part of the description.
+    An ensemble checkpoint (lib.ensemble) gives a lib.models.Ensemble of its members."""
     name = checkpoint["model"]
     if name not in MODELS:
         raise UserError(f"{where}: model {name!r} is not one this project builds")
@@ -76,7 +78,16 @@ def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
     if stem not in (None, *stems_of(name)):
         raise UserError(f"{where}: weights do not fit model {name!r} (its stem {stem!r} is none "
                         f"of {', '.join(stems_of(name))})")
-    model = build_model(name, len(checkpoint["classes"]), checkpoint["image_size"], stem)
+
+    def network():
+        return build_model(name, len(checkpoint["classes"]), checkpoint["image_size"], stem)
+    if "ensemble" in checkpoint:
+        members = checkpoint["ensemble"].get("members") if isinstance(checkpoint["ensemble"], dict) else None
+        if not isinstance(members, list) or not members:
+            raise UserError(f"{where}: its ensemble entry lists no members")
+        model = Ensemble([network() for _ in members])
+    else:
+        model = network()
     if load_weights:
         try:
             model.load_state_dict(checkpoint["state_dict"])

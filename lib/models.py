@@ -462,3 +462,26 @@ def describe_models():
         lines.append(textwrap.fill(", ".join(family.names), width=100, initial_indent="  ", subsequent_indent="  "))
         lines.append(textwrap.fill(family.help, width=100, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
+
+
+class Ensemble(nn.Module):
+    """Several networks for the same classes whose class probabilities are averaged (a seed
+    ensemble: Lakshminarayanan et al., "Simple and Scalable Predictive Uncertainty Estimation
+    using Deep Ensembles", 2017, average the members' probabilities).
+
+    forward: (N, 3, H, W) -> (N, C) log of the mean of the members' softmax probabilities,
+    log((1/M) sum_m softmax(f_m(x))). That is a normalised log-probability vector, so
+    softmax(output) is exactly the averaged probabilities (up to float rounding): every caller
+    that treats the output as logits (lib.engine.predict_probs, the export wrapper's softmax,
+    Grad-CAM's class log-odds) sees the ensemble's probabilities without knowing it is one.
+    Averaging the logits instead would be another model, the normalised geometric mean of the
+    members' probabilities, which lets one over-confident member outvote the others.
+    """
+
+    def __init__(self, members):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x):
+        log_probs = torch.stack([torch.log_softmax(member(x), dim=1) for member in self.members])
+        return torch.logsumexp(log_probs, dim=0) - math.log(len(self.members))

@@ -103,11 +103,17 @@ def recipes_to_try(target, first_method="minmax"):
 
 
 def _end_layers(model_proto):
-    """Names of the first convolution and the last Gemm/MatMul (the classifier) in graph order."""
+    """Names of the first convolution and the last Gemm/MatMul (the classifier) in graph order;
+    in an ensemble (lib.models.Ensemble) every member's: the convolutions that read what the
+    first one reads, and the Gemm/MatMul feeding each member's LogSoftmax."""
     nodes = model_proto.graph.node
-    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
+    first = next((n for n in nodes if n.op_type == "Conv"), None)
+    firsts = [n.name for n in nodes if first is not None and n.op_type == "Conv" and n.input[0] == first.input[0]]
+    producer = {output: n for n in nodes for output in n.output}
+    heads = [producer.get(n.input[0]) for n in nodes if n.op_type == "LogSoftmax"]
+    classifiers = [h.name for h in heads if h is not None and h.op_type in ("Gemm", "MatMul")]
     last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
-    return [name for name in (first, last) if name]
+    return [name for name in firsts + (classifiers or [last]) if name]
 
 
 def quantize_int8(fp32_path, out, calibration_pixels, recipe, metadata=None):
@@ -130,7 +136,12 @@ def quantize_int8(fp32_path, out, calibration_pixels, recipe, metadata=None):
     inherited = read_metadata(fp32_path)
     with tempfile.TemporaryDirectory() as scratch:
         prepared, ranges, quantized_path = (Path(scratch) / name for name in ("prepared.onnx", "ranges.json", "int8.onnx"))
-        quant_pre_process(str(fp32_path), str(prepared))
+        # Symbolic shape inference (written for transformers' dynamic shapes) loses the batch dimension
+        # of some layers (it cannot read the axes input of opset 18's ReduceMax, fastnet's global
+        # max-pool) and gives up where an ensemble's members meet, leaving sym_shape_infer_temp.onnx
+        # in the working folder; onnx's shape inference, which quant_pre_process runs too, infers it all.
+        ensemble = json.loads(inherited.get("ensemble", "null")) is not None
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=ensemble)
         kept_float = _end_layers(onnx.load(str(prepared))) if recipe.float_ends else []
         calibrator = create_calibrator(prepared, QUANTIZED_OPS, augmented_model_path=str(Path(scratch) / "augmented.onnx"),
                                        calibrate_method=calibrate_method, extra_options=options)

@@ -44,6 +44,10 @@ def add_transfer_args(parser, sweep):
                         metavar="K", help="how many stages to freeze, input side first (train.py --help lists each "
                                           "model's): 0 fine-tunes everything, 'all' trains only the head"
                                           + ("; several values run a sweep" if sweep else ""))
+    if sweep:
+        parser.add_argument("--seeds", nargs="+", type=int, metavar="S",
+                            help="train one model per seed (instead of --seed) into OUT/seed-S/ and write "
+                                 "OUT/model.pt, an ensemble checkpoint that averages their probabilities")
     training = cli.add_training_args(parser, RECIPE)
     training.add_argument("--lr-backbone", type=cli.positive_float, default=RECIPE.lr_backbone,
                           help="learning rate of the unfrozen stages (None: the same as --lr)")
@@ -52,8 +56,22 @@ def add_transfer_args(parser, sweep):
 def load_source(path):
     """The source checkpoint, checked to rebuild; any problem is a UserError naming --source."""
     checkpoint = load_checkpoint(path)
+    if "ensemble" in checkpoint:
+        raise UserError(f"--source {path}: an ensemble checkpoint; transfer from one model "
+                        f"(one of its members' checkpoints)")
     build_from_checkpoint(checkpoint, where=f"--source {path}")
     return checkpoint
+
+
+def check_seeds(seeds, freezes):
+    """--seeds: two or more different seeds, and one --freeze (a sweep of ensembles is not offered)."""
+    if seeds is None:
+        return
+    if len(seeds) < 2 or len(set(seeds)) < len(seeds):
+        raise UserError(f"--seeds {' '.join(map(str, seeds))}: an ensemble needs two or more different seeds "
+                        f"(one model: --seed)")
+    if len(freezes) > 1:
+        raise UserError("--seeds with several --freeze values: give one --freeze for the ensemble")
 
 
 def resolve_freeze(values, model_name):

@@ -1,0 +1,147 @@
+"""Ensemble checkpoints: several compatible checkpoints in one file that averages their probabilities.
+
+An ensemble checkpoint is an ordinary checkpoint (lib.checkpoint), loadable with
+weights_only=True, whose description every member shares, so that evaluate.py, explain.py and
+export.py take it like a single model and lib.checkpoint.build_from_checkpoint rebuilds it as a
+lib.models.Ensemble (whose output is the log of the members' mean probabilities; see there why).
+Keys:
+- model, stem, classes, image_size, resize, mean, std: the same in every member (MUST_MATCH;
+  members that differ in one are refused, naming it), plus format, and task, args (the entries
+  whose values all members share: a seed run's seed and out differ) and lineage where all
+  members have the same;
+- ensemble: {"combine": COMBINE, "members": one record per member, in order: its checkpoint
+  path and sha256, seed, epoch, selection (the rule that chose it, as OUT/model.pt names it),
+  val metrics of that epoch and lineage};
+- state_dict: the Ensemble's, every member's weights under `members.I.`.
+A member must be a single model: an ensemble of ensembles is refused (give its members).
+"""
+from pathlib import Path
+
+from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
+from lib.errors import UserError
+from lib.flops import inference_flops
+from lib.models import resolve_stem
+
+COMBINE = "mean of the members' probabilities"
+# What every member must share, (name, value): each fixes what an image means to the network or
+# which network reads it; one pixel recipe and one network rebuild every member.
+MUST_MATCH = (
+    ("model", lambda c: c["model"]),
+    ("stem", lambda c: resolve_stem(c["model"], c["image_size"], c.get("stem"))),
+    ("classes", lambda c: list(c["classes"])),
+    ("image size", lambda c: c["image_size"]),
+    ("resize", lambda c: c.get("resize", "squash")),
+    ("mean", lambda c: [float(v) for v in c["mean"]]),
+    ("std", lambda c: [float(v) for v in c["std"]]),
+)
+
+
+def is_ensemble(checkpoint):
+    return "ensemble" in checkpoint
+
+
+def load_members(paths):
+    """The member checkpoints, each checked to rebuild; a UserError names the file at fault."""
+    if len(paths) < 2:
+        raise UserError(f"an ensemble needs two or more checkpoints, got {len(paths)}")
+    members = []
+    for path in paths:
+        checkpoint = load_checkpoint(path)
+        if is_ensemble(checkpoint):
+            raise UserError(f"member {path}: is itself an ensemble; give its members' checkpoints instead")
+        build_from_checkpoint(checkpoint, where=f"member {path}")
+        members.append(checkpoint)
+    return members
+
+
+def check_compatible(paths, members):
+    """Refuse, in one line naming the member and the fact, members that differ from the first."""
+    for path, member in zip(paths[1:], members[1:]):
+        for name, value in MUST_MATCH:
+            if value(member) != value(members[0]):
+                raise UserError(f"member {path}: its {name} is {value(member)}, {paths[0]}'s is "
+                                f"{value(members[0])}; an ensemble's members must share "
+                                f"{', '.join(n for n, _ in MUST_MATCH)}")
+
+
+def _shared(values):
+    """The value every member has, or None."""
+    return values[0] if all(value == values[0] for value in values) else None
+
+
+def _member_record(path, checkpoint):
+    metrics = checkpoint.get("metrics") or {}
+    return {"checkpoint": str(Path(path).resolve()), "sha256": file_hash(path),
+            "seed": (checkpoint.get("args") or {}).get("seed"), "epoch": checkpoint.get("epoch"),
+            "selection": checkpoint.get("selection"),
+            "metrics": {k: v for k, v in metrics.items() if k.startswith("val_")},
+            "lineage": checkpoint.get("lineage")}
+
+
+def ensemble_checkpoint(paths, members):
+    """The ensemble checkpoint of compatible member checkpoints (see the module docstring)."""
+    check_compatible(paths, members)
+    first = members[0]
+    checkpoint = {"format": FORMAT, **{k: first[k] for k in ("model", "classes", "image_size", "mean", "std")},
+                  "stem": resolve_stem(first["model"], first["image_size"], first.get("stem")), "resize": first.get("resize", "squash")}
+    task, lineage = _shared([m.get("task") for m in members]), _shared([m.get("lineage") for m in members])
+    if task is not None:
+        checkpoint["task"] = task
+    if lineage is not None:
+        checkpoint["lineage"] = lineage
+    args = [m.get("args") or {} for m in members]
+    checkpoint["args"] = {k: v for k, v in args[0].items() if all(k in a and a[k] == v for a in args)}
+    checkpoint["ensemble"] = {"combine": COMBINE,
+                              "members": [_member_record(p, m) for p, m in zip(paths, members)]}
+    checkpoint["state_dict"] = {f"members.{i}.{key}": tensor for i, member in enumerate(members)
+                                for key, tensor in member["state_dict"].items()}
+    return checkpoint
+
+
+def write_ensemble(paths, out):
+    """Load, check and combine the checkpoints at `paths` into an ensemble checkpoint written
+    atomically at `out`; returns it and its network (build_from_checkpoint's)."""
+    members = load_members(paths)
+    checkpoint = ensemble_checkpoint(paths, members)
+    network = build_from_checkpoint(checkpoint, where=f"ensemble of {', '.join(map(str, paths))}")
+    save_checkpoint(checkpoint, out)
+    return checkpoint, network
+
+
+def seeds(checkpoint):
+    return [member["seed"] for member in checkpoint["ensemble"]["members"]]
+
+
+def describe(checkpoint):
+    """The network in words: 'fastnet', or 'ensemble of 3 fastnet (seeds 0, 1, 2)'."""
+    if not is_ensemble(checkpoint):
+        return checkpoint["model"]
+    members = checkpoint["ensemble"]["members"]
+    return f"ensemble of {len(members)} {checkpoint['model']} (seeds {', '.join(map(str, seeds(checkpoint)))})"
+
+
+def gflop_per_image(checkpoint, network):
+    """GFLOP of classifying one image (lib.flops); for an ensemble the sum over its members."""
+    return inference_flops(network, checkpoint["image_size"]) / 1e9
+
+
+def cost(checkpoint, gflop):
+    """gflop_per_image in words: '0.515 GFLOP per image (3 x 0.172)' for an ensemble."""
+    if not is_ensemble(checkpoint):
+        return f"{gflop:.3f} GFLOP per image"
+    count = len(checkpoint["ensemble"]["members"])
+    return f"{gflop:.3f} GFLOP per image ({count} x {gflop / count:.3f})"
+
+
+def summary(path, checkpoint, network):
+    """One line for the scripts: what the checkpoint at `path` holds and what it costs."""
+    return (f"{path}: {describe(checkpoint)}, the mean of their probabilities; "
+            f"{cost(checkpoint, gflop_per_image(checkpoint, network))}")
+
+
+def metadata(checkpoint):
+    """What an exported model's metadata says about the ensemble (None for a single model)."""
+    if not is_ensemble(checkpoint):
+        return None
+    return {"members": len(checkpoint["ensemble"]["members"]), "seeds": seeds(checkpoint),
+            "combine": checkpoint["ensemble"]["combine"]}
