@@ -155,7 +155,7 @@ def add_training_args(parser, defaults):
                             "inverse to their class's count (rare ones repeat), so classes come equally often")
     group.add_argument("--patience", type=positive_int, default=defaults.patience,
                        help="stop after this many epochs without a better validation score, once the learning "
-                            "rate is down to a quarter of its peak (or falls no further)")
+                            "rate is down to a quarter of its peak (or falls no further); None: run every epoch")
     group.add_argument("--ema", type=unit_interval, default=defaults.ema,
                        help="decay of an exponential moving average of the weights, updated every step "
                             "(bias-corrected: no warm-up needed), which is what is validated and saved; 0 turns it off")

@@ -50,6 +50,11 @@ class Rule(NamedTuple):
     stop_below_peak: bool = True
 
 
+# transfer.py's patience before the recipe ran every epoch: the early-stopping rule is scored with
+# it when the recipe has none.
+PREVIOUS_PATIENCE = 8
+
+
 def rules(config, nested):
     """The rules a run is scored by: the last epoch; without early stopping, the best by each
     metric; early stopping as it was before the learning-rate condition (best accuracy,
@@ -58,8 +63,9 @@ def rules(config, nested):
     last = Rule("last", "last", config.select_metric, None)
     if not nested:
         return [last]
+    patience = config.patience or PREVIOUS_PATIENCE
     return [last, *(Rule(f"best-{metric}", "best", metric, None) for metric in METRICS),
-            Rule(f"early-stop-{config.patience}", "best", "accuracy", config.patience, stop_below_peak=False),
+            Rule(f"early-stop-{patience}", "best", "accuracy", patience, stop_below_peak=False),
             Rule("recipe", config.select, config.select_metric, config.patience)]
 
 

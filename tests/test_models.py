@@ -20,10 +20,12 @@ from lib.models import (MODELS, architecture, build_model, cam_reshape, default_
 from lib.transfer import freeze_stages
 from lib.weights import load_weights
 
-# The device-sized torchvision models of issue 17: 0.04-0.26 GFLOP per 128 px image, and ConvNeXt
-# for a network without BatchNorm (LayerNorm, GELU, stochastic depth).
-PIPELINE_MODELS = ["mobilenet_v3_small", "mobilenet_v3_large", "shufflenet_v2_x1_0", "efficientnet_b0",
-                   "regnet_y_400mf", "convnext_tiny"]
+# Device-sized torchvision models of issue 17 (0.04-0.25 GFLOP per 128 px image), one per
+# building block: inverted residuals with hard-swish and squeeze-excitation, channel shuffle,
+# MBConv with SiLU and stochastic depth; and ConvNeXt for a network without BatchNorm (LayerNorm,
+# GELU). Each whole pipeline costs about 25 CPU-seconds, mostly the ONNX export, so the others
+# (MobileNetV3-Large, RegNetY-400MF, ...) are checked on the meta device above only.
+PIPELINE_MODELS = ["mobilenet_v3_small", "shufflenet_v2_x1_0", "efficientnet_b0", "convnext_tiny"]
 SIZE = 224  # lib.models' reference size, at which every model runs
 
 
@@ -124,7 +126,7 @@ def test_device_sized_models_go_through_the_whole_pipeline(name, demo_data, imag
     exported = run_main("export.py", "--checkpoint", run / "best.pt", "--out", tmp_path / "model.onnx",
                         "--quantize", "int8", "--calibration-images", "16", "--min-confident-agreement", "0.01",
                         "--max-accuracy-loss", "1", "--max-auroc-loss", "1")
-    assert "int8 gate:" in exported.stdout
+    assert "int8 gate passed" in exported.stdout, exported.stdout
     files = [demo_data / "images" / row["filename"] for row in evaluated[:6]]
     for model_file in ("model.onnx", "model.int8.onnx"):
         predicted = json.loads(run_main("predict.py", tmp_path / model_file, *files, "--json",

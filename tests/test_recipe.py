@@ -13,7 +13,6 @@ from lib import crossval, engine, flops
 from lib.augment import augment_batch
 from lib.checkpoint import FORMAT, build_from_checkpoint, load_checkpoint
 from lib.data import Split, load_split
-from lib.edge import OnnxClassifier
 from lib.engine import fit
 from lib.errors import UserError
 from lib.metrics import epoch_metrics
@@ -115,9 +114,9 @@ def test_flops_count_the_convolutions_and_skip_frozen_backward():
 
 def test_metrics_report_compute_and_validation_every_few_epochs(demo_data, tmp_path):
     out = tmp_path / "run"
-    result = run_script("train.py", "--data", demo_data, "--task", "target", "--model", "fastnet", "--epochs", "4",
-                        "--min-size", "32", "--eval-every", "2", "--ema", "0.9", "--warmup-epochs", "1",
-                        "--out", out)
+    result = run_main("train.py", "--data", demo_data, "--task", "target", "--model", "fastnet", "--epochs", "4",
+                      "--min-size", "32", "--eval-every", "2", "--ema", "0.9", "--warmup-epochs", "1",
+                      "--out", out)
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert [int(r["size"]) for r in rows] == [32, 48, 64, 64]
     assert [r["val_loss"] != "" for r in rows] == [False, True, False, True], "odd epochs are not validated"
@@ -136,12 +135,7 @@ def test_metrics_report_compute_and_validation_every_few_epochs(demo_data, tmp_p
     averaged = {k.removeprefix("module."): v for k, v in training["ema"].items() if k.startswith("module.")}
     assert all(torch.equal(last["state_dict"][k], averaged[k]) for k in last["state_dict"])
     assert any(not torch.equal(training["raw_state_dict"][k], averaged[k]) for k in averaged)
-    exported = run_script("export.py", "--checkpoint", out / "best.pt", "--out", out / "model.onnx").stdout
-    metadata = OnnxClassifier(out / "model.onnx").metadata
-    assert (metadata["architecture"], metadata["stem"]) == ("fastnet", "standard")
-    gflop = flops.inference_flops(model, 64) / 1e9
-    assert float(metadata["gflop_per_image"]) == pytest.approx(gflop, abs=1e-4) and gflop < 0.35
-    assert f"{gflop:.3f} GFLOP per image" in exported
+    assert flops.inference_flops(model, 64) / 1e9 < 0.35
 
 
 def test_weight_average_is_the_bias_corrected_exponential_average():
