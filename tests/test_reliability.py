@@ -364,8 +364,10 @@ def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(tmp_path
         "import sys, time; from pathlib import Path; from lib.files import atomic_write; "
         "atomic_write(Path(sys.argv[1]) / 'last.pt', lambda tmp: (Path(tmp).write_text('half'), time.sleep(60)))"),
         str(out)], cwd=REPO)
+    # Wait for the content, written after the lock is taken (mkstemp creates the file just before).
     deadline = time.time() + 60
-    while not list(out.glob(".last.pt.*.tmp")) and writer.poll() is None and time.time() < deadline:
+    while (not any(p.read_text() == "half" for p in out.glob(".last.pt.*.tmp"))
+           and writer.poll() is None and time.time() < deadline):
         time.sleep(0.02)
     [left] = list(out.glob(".last.pt.*.tmp"))
     assert remove_stale_temporaries(out) == [] and left.exists(), "removed a file being written"
