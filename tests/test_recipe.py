@@ -112,6 +112,21 @@ def test_flops_count_the_convolutions_and_skip_frozen_backward():
     assert flops.training_flops(model, 64, 2) == pytest.approx(trained - conv1 - conv2, rel=1e-6)
 
 
+def test_grouped_convolutions_backward_is_counted_per_group():
+    """A depthwise 3x3 convolution after a dense one: its backward is two convolutions of its
+    own size (input and weight gradients), not dense ones (torch 2.14's flop counter ignores
+    groups in the weight gradient; lib.flops corrects it)."""
+    dense, depthwise = torch.nn.Conv2d(3, 32, 1, bias=False), torch.nn.Conv2d(32, 32, 3, padding=1, groups=32, bias=False)
+    model = torch.nn.Sequential(dense, depthwise, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(32, 2, bias=False))
+    dense_flops, depthwise_flops, head = 2 * 32 * 3 * 8 * 8, 2 * 32 * 9 * 8 * 8, 2 * 32 * 2
+    assert flops.inference_flops(model, 8) == dense_flops + depthwise_flops + head
+    # dense: forward and weight gradient (its input needs none); depthwise and head: all three.
+    assert flops.training_flops(model, 8, 2) == 2 * dense_flops + 3 * depthwise_flops + 3 * head
+    mobilenet = build_model("mobilenet_v3_small", 8, 128)
+    assert 2.5 < flops.training_flops(mobilenet, 128, 8) / flops.inference_flops(mobilenet, 128) < 3.5
+
+
 def test_metrics_report_compute_and_validation_every_few_epochs(demo_data, tmp_path):
     out = tmp_path / "run"
     result = run_main("train.py", "--data", demo_data, "--task", "target", "--model", "fastnet", "--epochs", "4",
