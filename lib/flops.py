@@ -20,7 +20,8 @@ def _grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, 
     grouped convolution divided by its groups: torch 2.14 counts that gradient as if the
     convolution were dense (its formula ignores `groups`), which made a depthwise 3x3 layer's
     backward 66 times its forward instead of 2 and MobileNetV3-Small's training step 34 times
-    its inference. The input gradient is counted right (its formula uses the grouped weight)."""
+    its inference. The input gradient is counted right (its formula uses the grouped weight).
+    pytorch/pytorch PR #183405 makes the same division in the counter itself."""
     count = conv_backward_flop.__wrapped__
     common = (grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed, output_padding, groups)
     grad_input = count(*common, [output_mask[0], False, False], out_shape)
