@@ -10,12 +10,11 @@ import torch
 
 from lib import cli, distributed
 from lib.data import load_split
-from lib.engine import cost_summary, fit, recall_summary
+from lib.engine import fit, run_report
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
 from lib.plots import plot_curves
 from lib.recipe import TrainConfig, config_from_args
-from lib.selection import chosen_row
 from lib.weights import load_weights
 
 RECIPE = TrainConfig()
@@ -71,11 +70,7 @@ def main(args):
                   seed=args.seed, resume=args.resume)
     if distributed.is_main():
         plot_curves(history, out / "curves.png")
-        chosen = chosen_row(history, config)
-        print(recall_summary(out / "model.pt"))
-        print(f"{out / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
-              f"{chosen['val_accuracy']:.4f}, balanced accuracy {chosen['val_balanced_accuracy']:.4f}, "
-              f"AUROC {chosen['val_auroc']:.4f}; {cost_summary(history)}")
+        print(run_report(out, history, config))
     distributed.cleanup()
 
 

@@ -14,12 +14,11 @@ from pathlib import Path
 
 from lib import cli, distributed, ensemble, transfer
 from lib.data import load_split
-from lib.engine import cost_summary, fit, predict_probs, recall_summary
+from lib.engine import fit, predict_probs, run_report
 from lib.metrics import epoch_metrics
 from lib.models import stage_count
 from lib.plots import plot_curves, plot_sweep
 from lib.recipe import config_from_args
-from lib.selection import chosen_row
 
 
 def get_args_parser():
@@ -97,11 +96,7 @@ def main(args):
             rows.append(row)
             histories.append(history)
             plot_curves(history, run_dir / "curves.png")
-            chosen = chosen_row(history, config)
-            print(recall_summary(run_dir / "model.pt"))
-            print(f"{run_dir / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
-                  f"{chosen['val_accuracy']:.4f}, balanced accuracy {chosen['val_balanced_accuracy']:.4f}, "
-                  f"AUROC {chosen['val_auroc']:.4f}; best.pt: epoch {row['best_epoch']}; {cost_summary(history)}")
+            print(run_report(run_dir, history, config, best_epoch=row["best_epoch"]))
     if args.seeds and distributed.is_main():
         _write_ensemble(run_dirs, out, val, histories, device)
     elif len(rows) > 1:

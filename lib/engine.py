@@ -101,6 +101,17 @@ def recall_summary(path):
         f"{name} {'-' if value is None else f'{value:.3f}'}" for name, value in recall.items())
 
 
+def run_report(out, history, config, best_epoch=None):
+    """The closing lines of train.py and transfer.py for the run in `out`: per-class val recall of
+    OUT/model.pt, then its epoch and val scores (and best.pt's epoch when given), compute and time."""
+    chosen = selection.chosen_row(history, config)
+    best = f"best.pt: epoch {best_epoch}; " if best_epoch is not None else ""
+    return (f"{recall_summary(out / 'model.pt')}\n"
+            f"{out / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
+            f"{chosen['val_accuracy']:.4f}, balanced accuracy {chosen['val_balanced_accuracy']:.4f}, "
+            f"AUROC {chosen['val_auroc']:.4f}; {best}{cost_summary(history)}")
+
+
 def _epoch_batches(split, seed, epoch, batch_size, sampler="shuffle"):
     """This process's batches of one epoch, as index tensors.
 
