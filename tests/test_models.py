@@ -20,12 +20,13 @@ from lib.models import (MODELS, architecture, build_model, cam_reshape, default_
 from lib.transfer import freeze_stages
 from lib.weights import load_weights
 
-# Device-sized torchvision models of issue 17 (0.04-0.25 GFLOP per 128 px image), one per
-# building block: inverted residuals with hard-swish and squeeze-excitation, channel shuffle,
-# MBConv with SiLU and stochastic depth; and ConvNeXt for a network without BatchNorm (LayerNorm,
-# GELU). Each whole pipeline costs about 25 CPU-seconds, mostly the ONNX export, so the others
-# (MobileNetV3-Large, RegNetY-400MF, ...) are checked on the meta device above only.
-PIPELINE_MODELS = ["mobilenet_v3_small", "shufflenet_v2_x1_0", "efficientnet_b0", "convnext_tiny"]
+# The device-sized torchvision models issue 17 names (0.04-0.26 GFLOP per 128 px image): inverted
+# residuals with hard-swish and squeeze-excitation (MobileNetV3-Small/Large), channel shuffle, MBConv
+# with SiLU and stochastic depth, RegNet's grouped bottlenecks; and ConvNeXt for a network without
+# BatchNorm (LayerNorm, GELU). Each whole pipeline costs about 25 CPU-seconds, mostly the ONNX
+# export; the other architectures are checked on the meta device only.
+PIPELINE_MODELS = ["mobilenet_v3_small", "mobilenet_v3_large", "shufflenet_v2_x1_0", "efficientnet_b0",
+                   "regnet_y_400mf", "convnext_tiny"]
 SIZE = 224  # lib.models' reference size, at which every model runs
 
 
