@@ -40,7 +40,8 @@ RECIPE = TrainConfig()
 def get_args_parser():
     parser = cli.make_parser(__doc__)
     cli.add_data_args(parser)
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=[DEFAULT_MODEL, "resnet18"])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=[DEFAULT_MODEL, "resnet18"], metavar="NAME",
+                        help="architectures to time: fastnet, cnn3 or any torchvision classification model")
     parser.add_argument("--batch-size", type=cli.positive_int, default=RECIPE.batch_size)
     parser.add_argument("--steps", type=cli.positive_int, default=4, help="training steps per timed repeat")
     parser.add_argument("--repeats", type=cli.positive_int, default=5, help="timed repeats; medians are reported")
@@ -78,6 +79,13 @@ def median(values):
     return statistics.median(values)
 
 
+def spread_rows(split, n):
+    """n rows spread evenly over the split: an ImageFolder split is sorted by class, and its first
+    rows alone would hold one class."""
+    rows = torch.linspace(0, len(split) - 1, n).long()
+    return Split(split.images[rows], split.labels[rows], split.classes, [split.filenames[i] for i in rows.tolist()])
+
+
 def bench_model(name, train, val, mean, std, config, args, device):
     torch.manual_seed(0)
     model = build_model(name, len(train.classes), args.image_size).to(device)
@@ -103,9 +111,8 @@ def bench_model(name, train, val, mean, std, config, args, device):
         scaler.update()
 
     n_loop = min(len(train), args.steps * batch)
-    subset = Split(train.images[:n_loop], train.labels[:n_loop], train.classes, train.filenames[:n_loop])
-    warm = Split(train.images[:batch * args.warmup], train.labels[:batch * args.warmup], train.classes,
-                 train.filenames[:batch * args.warmup])
+    subset = spread_rows(train, n_loop)
+    warm = spread_rows(train, min(len(train), batch * args.warmup))
     scheduler = make_scheduler(optimizer, config, args.steps)
     ema = make_ema(model, config.ema)
 
