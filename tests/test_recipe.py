@@ -358,6 +358,13 @@ def test_benchmark_reports_gflops_per_precision(demo_data, tmp_path):
     assert "bare GFLOP/s" in result.stdout and "cnn3 float32" in result.stdout
 
 
+def test_benchmark_runs_on_an_imagefolder_sorted_by_class(tiny_imagefolder):
+    """The timed rows are spread over the split: the first rows of an ImageFolder hold one class."""
+    result = run_script("bench/bench_train.py", "--data", tiny_imagefolder, "--models", "cnn3", "--amp", "off",
+                        "--batch-size", "4", "--steps", "1", "--repeats", "1", "--warmup", "1")
+    assert "cnn3 float32" in result.stdout
+
+
 def test_recipe_plot_marks_both_defaults(tmp_path):
     table = tmp_path / "recipes.csv"
     table.write_text("setting,seed,val_accuracy,val_auroc,tflop,seconds,role\n"
