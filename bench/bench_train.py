@@ -26,7 +26,7 @@ import torch.nn.functional as F  # noqa: E402
 from lib import cli, distributed  # noqa: E402
 from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
-from lib.data import Split, load_split  # noqa: E402
+from lib.data import load_split  # noqa: E402
 from lib.engine import _epoch_batches, _train_epoch, predict_probs  # noqa: E402
 from lib.recipe import (TrainConfig, amp_helps, autocast, make_ema, make_optimizer, make_scaler,  # noqa: E402
                         make_scheduler)
@@ -82,8 +82,7 @@ def median(values):
 def spread_rows(split, n):
     """n rows spread evenly over the split: an ImageFolder split is sorted by class, and its first
     rows alone would hold one class."""
-    rows = torch.linspace(0, len(split) - 1, n).long()
-    return Split(split.images[rows], split.labels[rows], split.classes, [split.filenames[i] for i in rows.tolist()])
+    return split.rows(torch.linspace(0, len(split) - 1, n).long())
 
 
 def bench_model(name, train, val, mean, std, config, args, device):

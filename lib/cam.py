@@ -240,8 +240,7 @@ def load_images(files, data, task, split, num_images, seed, image_size, classes,
                       cache_dir=cache_dir)
     if num_images and num_images < len(full):
         chosen = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
-        full = Split(full.images[chosen], None if full.labels is None else full.labels[chosen],
-                     full.classes, [full.filenames[i] for i in chosen.tolist()])
+        full = full.rows(chosen)
     return full
 
 

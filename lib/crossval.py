@@ -86,7 +86,7 @@ def folds(split, k, seed):
     if k < 2 or k > int(counts.min()):
         raise UserError(f"--folds {k}: must be from 2 to the smallest class's image count ({int(counts.min())})")
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(_subset(split, train_index), _subset(split, heldout_index))
+    return [(split.rows(train_index), split.rows(heldout_index))
             for train_index, heldout_index in splitter.split(split.labels.numpy(), split.labels.numpy())]
 
 
@@ -97,14 +97,7 @@ def inner_split(split, fraction, seed):
                                                   stratify=split.labels.numpy())
     except ValueError as error:
         raise UserError(f"--inner-val {fraction}: cannot split {len(split)} images by class ({error})") from None
-    return _subset(split, np.sort(train_index)), _subset(split, np.sort(val_index))
-
-
-def _subset(split, index):
-    """The rows `index` of a pooled split, as a view of its images (no copy)."""
-    index = torch.as_tensor(index)
-    return Split(split.images.subset(index), split.labels[index], split.classes,
-                 [split.filenames[i] for i in index])
+    return split.rows(np.sort(train_index)), split.rows(np.sort(val_index))
 
 
 def check_source(source, path, task, data):

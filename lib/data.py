@@ -47,6 +47,14 @@ class Split:
     def __len__(self):
         return len(self.filenames)
 
+    def rows(self, index):
+        """The rows `index` (ints or an index tensor) as a Split: a view of memory-mapped or pooled
+        images (ImageRows), a copy of a tensor's. mean/std are not carried: they describe other rows."""
+        index = torch.as_tensor(index, dtype=torch.int64)
+        images = self.images.subset(index) if isinstance(self.images, ImageRows) else self.images[index]
+        return Split(images, None if self.labels is None else self.labels[index], self.classes,
+                     [self.filenames[i] for i in index.tolist()])
+
 
 class ImageRows:
     """Chosen rows of one or more uint8 (N, 3, H, W) tensors, seen as one, without copying them:
