@@ -56,7 +56,7 @@ def main(args):
         path = out / f"fold-{fold}" / crossval.RECORD
         if args.resume and path.is_file():
             records.append(crossval.load_record(path))
-            crossval.check_record(records[-1], describe, settings, path)
+            crossval.check_record(records[-1], describe, path)
             print(f"fold {fold}/{args.folds}: finished earlier, kept ({path})")
             continue
         inner_train, val = crossval.inner_split(train, args.inner_val, args.fold_seed) if nested else (train, heldout)

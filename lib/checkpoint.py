@@ -16,13 +16,16 @@ only --resume needs the current format.
 import hashlib
 import pickle
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from lib.errors import UserError
 from lib.files import atomic_write
+from lib.images import DEFAULT_MAX_PIXELS
 from lib.models import MODELS, Ensemble, build_model, stems_of
+from lib.recipe import TrainConfig
 
 FORMAT = "landmark-classification/2"
 READABLE = (FORMAT, "landmark-classification/1")
@@ -107,7 +110,24 @@ def training_state(model, ema, optimizer, scheduler, scaler, selector, best_val_
     return {"raw_state_dict": model.state_dict(), "ema": ema.state_dict() if ema else None,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "selector": selector.state_dict(),
-            "best_val_probs": best_val_probs, "rng": {"torch": torch.get_rng_state()}}
+            "best_val_probs": best_val_probs, "rng": _rng_state(_device_of(model))}
+
+
+def _device_of(model):
+    return next(model.parameters()).device
+
+
+def _rng_state(device):
+    """torch's global generators that training draws from (dropout, stochastic depth): the CPU's,
+    and on CUDA the device's, which is another generator."""
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _restore_rng(rng, device):
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng.get("cuda") is not None:  # a run that trained on CUDA before
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def restore_training_state(saved, path, model, ema, optimizer, scheduler, scaler, selector):
@@ -128,7 +148,7 @@ def restore_training_state(saved, path, model, ema, optimizer, scheduler, scaler
     if state["scaler"]:  # empty when saved by a disabled (non-CUDA or non-AMP) scaler
         scaler.load_state_dict(state["scaler"])
     selector.load_state_dict(state["selector"])
-    torch.set_rng_state(state["rng"]["torch"])
+    _restore_rng(state["rng"], _device_of(model))
     return state["best_val_probs"]
 
 
@@ -137,56 +157,63 @@ def without_training_state(checkpoint):
     return {k: v for k, v in checkpoint.items() if k not in TRAINING_KEYS}
 
 
-def _arg(name, default=None):
-    """A flag's value in a run's args; `default` for runs from before the flag existed (they ran as its default)."""
-    return lambda run: (run.get("args") or {}).get(name, default)
-
-
-def _lineage(name):
-    return lambda run: (run.get("lineage") or {}).get(name)
-
-
-# Settings a resumed run must share with the run it continues: each shapes the network, the data,
-# the weights, the per-step learning rate or the image sizes, so a change would silently make a
-# run that neither setting describes. One line per flag: (flag, its value in a checkpoint or a
-# new run's description). Left out on purpose, free to change on resume: --patience,
-# --eval-every, --select, --amp, --device, --channels-last, --compile, --sync-bn.
-RESUME_MUST_MATCH = (
-    ("--model", lambda run: run.get("model")),
-    ("--stem", lambda run: run.get("stem")),
-    ("--image-size", lambda run: run.get("image_size")),
-    ("--resize", lambda run: run.get("resize", "squash")),
-    ("--task", lambda run: run.get("task")),
-    ("--data", lambda run: data_location(_arg("data")(run))),
-    ("--source", _lineage("source_sha256")),
-    ("--freeze", _lineage("frozen_stages")),
-    ("--weights", _lineage("weights_sha256")),
-    ("--epochs", _arg("epochs")),
-    ("--batch-size", _arg("batch_size")),
-    ("--min-size", _arg("min_size")),
-    ("--warmup-epochs", _arg("warmup_epochs")),
-    ("--scheduler", _arg("scheduler")),
-    ("--step-size", _arg("step_size")),
-    ("--gamma", _arg("gamma")),
-    ("--optimizer", _arg("optimizer")),
-    ("--lr", _arg("lr")),
-    ("--lr-backbone", _arg("lr_backbone")),
-    ("--weight-decay", _arg("weight_decay")),
-    ("--label-smoothing", _arg("label_smoothing")),
-    ("--augment", _arg("augment")),
-    ("--mixup", _arg("mixup", 0.0)),
-    ("--cutmix", _arg("cutmix", 0.0)),
-    ("--class-weights", _arg("class_weights", "none")),
-    ("--sampler", _arg("sampler", "shuffle")),
-    ("--ema", _arg("ema")),
-    ("--select-metric", _arg("select_metric")),
-    ("--seed", _arg("seed")),
-)
+# Flags a resumed run may change: where and how fast it runs, how it is watched, which epoch it
+# ships and how pixels are stored; none changes the weights an epoch trains to (--amp changes the
+# rounding only, so a run can move to a machine with or without bfloat16). Every other flag of
+# the run's args is compared, so a flag added later is checked without being listed anywhere.
+FREE_ON_RESUME = frozenset({"out", "overwrite", "resume", "device", "amp", "channels_last", "compile", "sync_bn",
+                            "patience", "eval_every", "select", "pixel_cache", "no_pixel_cache", "seeds"})
+# Flags compared by what they resolve to, not as typed: the folder, not how its path is written;
+# the file's contents, not its path; the stem `auto` chose; for a transferred run, what its
+# --source checkpoint fixes (model, size, ...) is in its description, not its args.
+_RESOLVED = {
+    "model": lambda run: run.get("model"),
+    "stem": lambda run: run.get("stem"),
+    "image_size": lambda run: run.get("image_size"),
+    "resize": lambda run: run.get("resize", "squash"),
+    "task": lambda run: run.get("task"),
+    "data": lambda run: data_location((run.get("args") or {}).get("data")),
+    "source": lambda run: (run.get("lineage") or {}).get("source_sha256"),
+    "freeze": lambda run: (run.get("lineage") or {}).get("frozen_stages"),
+    "weights": lambda run: (run.get("lineage") or {}).get("weights_sha256"),
+}
+# How the old value is shown where the compared value is not what the user typed.
+_SHOWN = {"data": lambda run: (run.get("args") or {}).get("data"),
+          "source": lambda run: (run.get("lineage") or {}).get("source"),
+          "weights": lambda run: (run.get("lineage") or {}).get("weights")}
 # A transferred run takes these from its --source checkpoint: there they are --source's to answer for.
-FROM_SOURCE = {"--model": "--source", "--stem": "--source", "--image-size": "--source", "--resize": "--source",
-               "--weights": "--source"}
-# How the old value is shown, where the compared value is not what the user typed.
-SHOWN = {"--data": _arg("data"), "--source": _lineage("source"), "--weights": _lineage("weights")}
+FROM_SOURCE = {"model": "source", "stem": "source", "image_size": "source", "resize": "source", "weights": "source"}
+_UNRECORDED = object()
+
+
+def _legacy_defaults():
+    """What a run from before a flag existed ran with: the flag's default (every flag added since
+    format 2 defaults to what runs did before it). A flag missing here and from an older run's
+    args is unknown there, and differs from any value."""
+    return {**asdict(TrainConfig()), "max_image_pixels": DEFAULT_MAX_PIXELS, "mean": None, "std": None}
+
+
+def _flag(key):
+    return "--" + key.replace("_", "-")
+
+
+def _value(run, key, legacy):
+    if key in _RESOLVED:
+        return _RESOLVED[key](run)
+    args = run.get("args") or {}
+    return args[key] if key in args else legacy.get(key, _UNRECORDED)
+
+
+def _compared_keys(saved, describe):
+    """The settings of either run that shape what is trained: every arg but FREE_ON_RESUME, in order."""
+    keys = [*_RESOLVED, *(saved.get("args") or {}), *(describe.get("args") or {})]
+    return [key for key in dict.fromkeys(keys) if key not in FREE_ON_RESUME]
+
+
+def _differing(saved, describe):
+    legacy = _legacy_defaults()
+    return [key for key in _compared_keys(saved, describe)
+            if _value(saved, key, legacy) != _value(describe, key, legacy)]
 
 
 def resume_mismatches(saved, describe):
@@ -194,21 +221,33 @@ def resume_mismatches(saved, describe):
 
     describe is the new run's checkpoint description (with its args)."""
     transferred = "source" in (describe.get("lineage") or {})
-    flags = [FROM_SOURCE.get(flag, flag) if transferred else flag
-             for flag, value in RESUME_MUST_MATCH if value(saved) != value(describe)]
-    flags = list(dict.fromkeys(flags))
-    # Another task has other classes anyway; the same task and folder with other classes
-    # means the data changed under the run.
-    if not {"--task", "--data"} & set(flags) and list(saved.get("classes", [])) != list(describe["classes"]):
+    keys = [FROM_SOURCE.get(key, key) if transferred else key for key in _differing(saved, describe)]
+    flags = [_flag(key) for key in dict.fromkeys(keys)]
+    # Nothing the user set differs, yet the training split has other classes or other statistics
+    # (its mean and std when --mean/--std were not given): the data changed under the run.
+    if not flags and (list(saved.get("classes", [])) != list(describe["classes"])
+                      or [saved.get("mean"), saved.get("std")] != [describe.get("mean"), describe.get("std")]):
         flags.append("--data")
     return flags
+
+
+def _shown(run, flag):
+    """`--flag value` as the run had it: lists as values in a row, on/off flags by name."""
+    key = flag[2:].replace("-", "_")
+    value = _SHOWN[key](run) if key in _SHOWN else _value(run, key, _legacy_defaults())
+    if value is _UNRECORDED:
+        return f"{flag} (not recorded)"
+    if isinstance(value, bool):
+        return flag if value else f"no {flag}"
+    if isinstance(value, (list, tuple)):
+        return f"{flag} {' '.join(map(str, value))}"
+    return f"{flag} {'none' if value is None else value}"
 
 
 def check_resume(saved, describe, path):
     """Refuse to continue a run under different settings, in one line naming the flags."""
     flags = resume_mismatches(saved, describe)
     if flags:
-        values = dict(RESUME_MUST_MATCH) | SHOWN
-        had = " ".join(f"{flag} {values[flag](saved)}" for flag in flags)
+        had = ", ".join(_shown(saved, flag) for flag in flags)
         raise UserError(f"--resume: {path} belongs to a run with different {', '.join(flags)} "
                         f"(it had {had}); resume with the same settings, or start a new --out")

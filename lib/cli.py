@@ -35,6 +35,16 @@ def positive_int(text):
     return value
 
 
+def positive_int_or_none(text):
+    """A positive integer, or `none` (any case) for None: a limit that is off."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return positive_int(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be a positive integer or none, got {text}") from None
+
+
 def non_negative_int(text):
     value = int(text)
     if value < 0:
@@ -133,7 +143,8 @@ def add_training_args(parser, defaults):
                        help="learning-rate schedule over the epochs (updated every step); onecycle is "
                             "torch's OneCycleLR (30%% rising from lr/25, then down), with its own warm-up")
     group.add_argument("--warmup-epochs", type=non_negative_float, default=defaults.warmup_epochs,
-                       help="ramp the learning rate up linearly over this many epochs first")
+                       help="ramp the learning rate up linearly over this many epochs first (not with "
+                            "--scheduler onecycle, which warms up on its own)")
     group.add_argument("--step-size", type=positive_int, default=defaults.step_size,
                        help="with --scheduler step: epochs between decays")
     group.add_argument("--gamma", type=positive_float, default=defaults.gamma,
@@ -153,9 +164,10 @@ def add_training_args(parser, defaults):
     group.add_argument("--sampler", choices=list(SAMPLERS), default=defaults.sampler,
                        help="shuffle: every image once per epoch; balanced: as many images drawn with probability "
                             "inverse to their class's count (rare ones repeat), so classes come equally often")
-    group.add_argument("--patience", type=positive_int, default=defaults.patience,
+    group.add_argument("--patience", type=positive_int_or_none, default=defaults.patience, metavar="N|none",
                        help="stop after this many epochs without a better validation score, once the learning "
-                            "rate is down to a quarter of its peak (or falls no further); None: run every epoch")
+                            "rate is down to a quarter of its peak (or falls no further); none: never stop early, "
+                            "run every epoch")
     group.add_argument("--ema", type=unit_interval, default=defaults.ema,
                        help="decay of an exponential moving average of the weights, updated every step "
                             "(bias-corrected: no warm-up needed), which is what is validated and saved; 0 turns it off")

@@ -149,13 +149,10 @@ def load_record(path):
     return record
 
 
-SETTING_FLAGS = {"folds": "--folds", "fold_seed": "--fold-seed", "inner_val": "--inner-val"}
-
-
-def check_record(record, describe, settings, path):
-    """Refuse to keep a finished fold of another command (--resume), in one line naming the flags."""
+def check_record(record, describe, path):
+    """Refuse to keep a finished fold of another command (--resume), in one line naming the flags
+    (its --folds, --fold-seed and --inner-val among them: they are in the description's args)."""
     flags = resume_mismatches(record["describe"], describe)
-    flags += [flag for key, flag in SETTING_FLAGS.items() if record.get(key) != settings[key]]
     if flags:
         raise UserError(f"--resume: {path} belongs to a cross-validation with different {', '.join(flags)}; "
                         "resume with the same settings, or use --overwrite")

@@ -157,13 +157,14 @@ def _scratch_copy(model, frozen_modules):
 
 def _forward_error(scratch, frozen_modules, batch, size, train):
     """The first line of the error a forward pass of zeros raises on `scratch`, or None.
-    Some torchvision models check their input with assert, hence AssertionError."""
+    Some torchvision models check their input with assert, hence AssertionError. Runs on a forked
+    random generator: a training-mode pass draws for dropout, and a trial must not move the run's."""
     if train:
         set_train_mode(scratch, frozen_modules)
     else:
         scratch.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
             scratch(torch.zeros(batch, 3, size, size))
     except (RuntimeError, ValueError, AssertionError) as error:
         return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -49,7 +49,10 @@ def _plain_copy(model, device):
 
 
 def _count(run):
-    with FlopCounterMode(display=False, custom_mapping=_CORRECTED) as counter:
+    """FLOPs of run() per image. Dropout and stochastic depth draw from torch's global generator
+    in a training-mode pass; it runs on a forked generator, so counting draws nothing from the
+    training's random stream (a resumed process counts again, and must repeat the same run)."""
+    with torch.random.fork_rng(devices=[]), FlopCounterMode(display=False, custom_mapping=_CORRECTED) as counter:
         run()
     return counter.get_total_flops() / _BATCH
 

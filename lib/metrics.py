@@ -69,11 +69,14 @@ def per_class_recall(labels, probs, classes):
 
 
 def epoch_metrics(labels, probs):
-    """The few numbers logged every epoch."""
+    """The few numbers logged every epoch. AUROC is nan where the images hold one class only: an
+    epoch's training batches can, when the shuffle leaves a class's only image in the last batch
+    that is dropped (lib.engine), and that must not end the run (validation needs two classes:
+    lib.engine.check_splits)."""
     labels, probs = _as_numpy(labels, probs)
     return {"loss": log_loss(labels, probs),
             "accuracy": float((probs.argmax(1) == labels).mean()),
-            "auroc": auroc(labels, probs),
+            "auroc": auroc(labels, probs) if len(np.unique(labels)) > 1 else float("nan"),
             "balanced_accuracy": balanced_accuracy(labels, probs.argmax(1))}
 
 

@@ -2,11 +2,17 @@
 
 One entry per (dataset, split, task, decoding settings) lives in its own folder under the cache
 folder (default $XDG_CACHE_HOME/landmark-classification/pixels, ~/.cache/... without it):
-CONTENT.u8, the uint8 pixels (N, 3, H, W) in the layout training uses, and CONTENT.json, the
+CONTENT-TOKEN.u8, the uint8 pixels (N, 3, H, W) in the layout training uses, and CONTENT.json, the
 sidecar: shape, which files were skipped and why, and the channel statistics. CONTENT is a hash
 of the decoder (lib.images.DECODER_VERSION, Pillow's version), the settings and every file's
-path, size, modification time and inode, so a changed, added, removed or re-linked file gives
-another name and the old entry is never read again (the next writer deletes it).
+path, size, modification time, status-change time and inode, so a changed, added, removed or
+re-linked file gives another name and the old entry is never read again (the next writer
+deletes it). The status-change time (ctime) catches what the others miss: a file rewritten in
+place at the same size with its modification time put back (touch -r, cp -p, rsync -t
+--inplace, exiftool -P), or whose permissions changed; no program can set it back.
+A file that failed to decode is tried again whenever its entry is read, and if it decodes now
+(an I/O error that passed, a permission fixed) the entry is written anew: a failure is never
+replayed from the cache once its cause is gone.
 
 Safety with several processes (torchrun ranks, two scripts at once) and kills:
 - one writer per entry, under an flock on the folder's .lock; the others wait, then read;
@@ -27,6 +33,7 @@ import math
 import multiprocessing
 import os
 import re
+import secrets
 import sys
 import tempfile
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -90,13 +97,15 @@ def load_pixels(files, decoding, cache_dir=DEFAULT, identity="", label="images")
     content = _content_key(files, decoding)
     slot = folder / _slot_name(identity, label, decoding)
     found = _read_entry(slot, content)
-    if found:
+    if found and not _any_decodes_now(files, found, decoding):
         return found
     try:
         slot.mkdir(parents=True, exist_ok=True)
         with _locked(slot / ".lock", label):
             # Another process may have written it while this one waited for the lock.
-            found = _read_entry(slot, content) or _write_entry(slot, content, files, decoding, identity, label)
+            found = _read_entry(slot, content)
+            if not found or _any_decodes_now(files, found, decoding):
+                found = _write_entry(slot, content, files, decoding, identity, label)
     except OSError as error:
         raise UserError(f"--pixel-cache {folder}: cannot write decoded pixels there ({error}); choose "
                         "another folder with --pixel-cache DIR, or turn the cache off with --no-pixel-cache") from None
@@ -112,30 +121,53 @@ def pixel_counts(images):
 
 def stats_from_counts(counts):
     """Per-channel mean and standard deviation (n - 1 denominator) on the 0..1 scale, from
-    pixel_counts: sums of integers, exact, then one rounding each (no float copy of the pixels)."""
+    pixel_counts: sums of integers, exact, then one rounding each (no float copy of the pixels).
+
+    A channel with no spread (one value in every pixel: exactly 0 in these integer sums) gets
+    std 1.0, as scikit-learn's StandardScaler does: normalising divides by the std, and 0 would
+    turn every input into NaN. The channel is then only centred."""
     values = np.arange(256, dtype=np.int64)
     mean, std = [], []
     for channel in np.asarray(counts, dtype=np.int64):
         n, s1, s2 = int(channel.sum()), int(channel @ values), int(channel @ (values * values))
         mean.append(s1 / (255 * n) if n else float("nan"))
-        std.append(math.sqrt((n * s2 - s1 * s1) / (n * (n - 1) * 255 * 255)) if n > 1 else float("nan"))
+        std.append(_std(n, n * s2 - s1 * s1))
     return mean, std
+
+
+def _std(n, spread):
+    """The std of n values on the 0..1 scale from n * sum(v^2) - sum(v)^2 over values v in 0..255."""
+    if n < 2:
+        return float("nan")
+    return math.sqrt(spread / (n * (n - 1) * 255 * 255)) if spread else 1.0
 
 
 # --- entries -------------------------------------------------------------------------------------
 
 def _content_key(files, decoding):
     """A hash of what the pixels depend on: decoder, settings, and each file's path, size,
-    modification time and inode (of the file a symbolic link points to)."""
+    modification time, status-change time and inode (of the file a symbolic link points to)."""
     listing = []
     for path in files:
         try:
             st = os.stat(path)
-            listing.append([str(path), st.st_size, st.st_mtime_ns, st.st_ino])
+            listing.append([str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
         except OSError:
             listing.append([str(path), None])
     text = json.dumps([FORMAT, DECODER_VERSION, PIL.__version__, asdict(decoding), listing])
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _any_decodes_now(files, pixels, decoding):
+    """Whether a file the entry left out decodes now: its failure was transient (an I/O error, a
+    permission since fixed), and the entry must not replay it. Tries only the failed files."""
+    for index in np.setdiff1d(np.arange(len(files)), pixels.kept).tolist():
+        try:
+            decode_image(files[index], decoding.image_size, decoding.resize, decoding.max_pixels)
+        except BadImageError:
+            continue
+        return True
+    return False
 
 
 def _slot_name(identity, label, decoding):
@@ -151,7 +183,7 @@ def _read_entry(slot, content):
         if meta.get("format") != FORMAT or meta.get("content") != content:
             return None
         shape = tuple(meta["shape"])
-        data = slot / f"{content}.u8"
+        data = slot / _data_name(content, meta["data"])
         if data.stat().st_size != math.prod(shape):
             return None
         images = np.memmap(data, np.uint8, "c", shape=shape) if shape[0] else np.zeros(shape, np.uint8)
@@ -166,16 +198,26 @@ def _write_entry(slot, content, files, decoding, identity, label):
     """Decode into a temporary file, rename it into place, then write the sidecar that makes it count."""
     _remove_all_but_lock(slot)
     tmp = slot / f".{content}.{os.getpid()}.tmp"
+    # A name of its own for every write: an entry written again (a failed file that decodes now)
+    # never replaces the pixels a reader of the previous one may be mapping.
+    data = f"{content}-{secrets.token_hex(4)}.u8"
     try:
         kept, bad, counts = _decode_into(tmp, files, decoding, label)
-        os.replace(tmp, slot / f"{content}.u8")
+        os.replace(tmp, slot / data)
     finally:
         tmp.unlink(missing_ok=True)
     mean, std = stats_from_counts(counts)
-    write_json({"format": FORMAT, "content": content, "identity": identity, "decoding": asdict(decoding),
+    write_json({"format": FORMAT, "content": content, "data": data, "identity": identity, "decoding": asdict(decoding),
                 "shape": [len(kept), 3, decoding.image_size, decoding.image_size], "files": len(files),
                 "skipped": bad, "mean": mean, "std": std}, slot / f"{content}.json")
     return _read_entry(slot, content)
+
+
+def _data_name(content, name):
+    """The sidecar's pixel file, checked to be one of this entry's files in the same folder."""
+    if not (isinstance(name, str) and name.startswith(f"{content}-") and name.endswith(".u8") and "/" not in name):
+        raise ValueError(f"not a pixel file of entry {content}: {name!r}")
+    return name
 
 
 def _remove_all_but_lock(slot):

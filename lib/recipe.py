@@ -88,7 +88,8 @@ def make_optimizer(param_groups, name, lr, weight_decay):
 
 
 def lr_factor(t, name, epochs, step_size, gamma, warmup_epochs):
-    """The learning-rate multiplier after t epochs (a float: the schedule moves every step)."""
+    """The learning-rate multiplier after t epochs (a float: the schedule moves every step); a
+    linear warm-up over warmup_epochs first, except for onecycle, which has its own."""
     if name == "step":
         factor = gamma ** math.floor(t / step_size)
     elif name == "cosine":
@@ -101,7 +102,8 @@ def lr_factor(t, name, epochs, step_size, gamma, warmup_epochs):
         factor = 1.0
     else:
         raise UserError(f"--scheduler {name}: choose step, cosine, linear, onecycle or none")
-    if warmup_epochs and t < warmup_epochs:
+    # OneCycleLR rises from lr/25 on its own: a warm-up on top would hold it near 0 instead.
+    if warmup_epochs and t < warmup_epochs and name != "onecycle":
         factor *= (t + 1e-3) / warmup_epochs
     return factor
 

@@ -17,7 +17,7 @@ from lib.engine import fit
 from lib.errors import UserError
 from lib.metrics import epoch_metrics
 from lib.models import build_model, resolve_stem
-from lib.recipe import TrainConfig, ema_weight, lr_factor, make_ema, train_size
+from lib.recipe import TrainConfig, config_lr_factor, ema_weight, lr_factor, make_ema, train_size
 
 
 def test_learning_rate_schedules_warm_up_and_decay():
@@ -45,6 +45,16 @@ def test_onecycle_follows_torch_one_cycle_lr():
         if step < steps:
             reference.step()
 
+
+
+def test_onecycle_gets_no_warm_up_on_top_of_its_own():
+    # --scheduler onecycle with the recipe's default --warmup-epochs 1: the first epoch starts at
+    # OneCycleLR's lr/25 and rises as OneCycleLR does, not from 0 (its help says so).
+    config = TrainConfig(scheduler="onecycle", epochs=10)
+    assert config.warmup_epochs == 1.0
+    for t in (0, 0.1, 0.5, 0.99, 1, 5):
+        assert config_lr_factor(t, config) == lr_factor(t, "onecycle", 10, 3, 0.1, 0)
+    assert config_lr_factor(0, config) == pytest.approx(1 / 25)
 
 def test_progressive_resizing_grows_to_full_size_and_augment_resizes():
     sizes = [train_size(epoch, 12, 32, 64) for epoch in range(1, 13)]

@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import run_main, run_script
 from lib import engine
-from lib.checkpoint import load_checkpoint
+from lib.checkpoint import load_checkpoint, resume_mismatches
 from lib.data import Split, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES
 from lib.engine import fit
@@ -277,3 +277,86 @@ def test_log_says_when_accuracy_selects_on_an_unbalanced_val_split():
     assert "ranked by balanced_accuracy, which weighs every class alike" in balance_note(
         torch.tensor([0] * 30 + [1] * 10), 2, "balanced_accuracy")
     assert balance_note(torch.tensor([0] * 12 + [1] * 10), 2, "accuracy") is None
+
+
+# --- resume: what it compares, and that it repeats the run exactly ---------------------------------
+
+def test_resume_compares_every_flag_that_shapes_training():
+    """Every flag of train.py, transfer.py and crossval.py is compared on --resume unless it is
+    one of the few named free; so a flag added later is compared without being listed."""
+    import crossval
+    import train
+    import transfer
+    from lib.checkpoint import FREE_ON_RESUME
+    for script in (train, transfer, crossval):
+        parser = script.get_args_parser()
+        args = {action.dest: action.default for action in parser._actions if action.dest != "help"}
+        run = {"model": "cnn3", "classes": ["a", "b"], "args": args}
+        for key in args:
+            if key in FREE_ON_RESUME or key in ("data", "source", "freeze", "weights", "model", "stem",
+                                                "image_size", "resize", "task"):  # compared as resolved
+                continue
+            changed = {**run, "args": {**args, key: "another value"}}
+            assert resume_mismatches(run, changed) == ["--" + key.replace("_", "-")], (script.__name__, key)
+    # The free ones really are few, and none of them says what the network learns from.
+    assert {"mean", "std", "max_image_pixels", "skip_bad_images", "lr", "epochs", "folds"}.isdisjoint(FREE_ON_RESUME)
+
+
+@pytest.mark.parametrize("changed, had", [
+    (["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"], "--mean none, --std none"),
+    (["--max-image-pixels", "0"], "--max-image-pixels 89478485"),
+    (["--skip-bad-images"], "no --skip-bad-images"),
+])
+def test_resume_refuses_other_normalisation_or_image_set(demo_data, tmp_path, changed, had):
+    # One epoch of a 2-epoch run is enough; --epochs differs too, so the line names both.
+    out = tmp_path / "run"
+    common = ["--data", demo_data, "--task", "target", "--model", "cnn3", "--out", out]
+    run_main("train.py", *common, "--epochs", "1")
+    before = (out / "last.pt").read_bytes()
+    result = run_main("train.py", *common, "--epochs", "2", "--resume", *changed, check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
+    flags = [word for word in changed if word.startswith("--")]
+    assert f"belongs to a run with different {', '.join(flags + ['--epochs'])} (it had {had}, --epochs 1)" \
+        in result.stderr, result.stderr
+    assert (out / "last.pt").read_bytes() == before
+
+
+def test_resume_says_when_the_data_changed_under_the_run():
+    # Same flags, same folder, same classes, but the training split's statistics moved: its files changed.
+    run = {"model": "cnn3", "classes": ["a", "b"], "mean": [0.4] * 3, "std": [0.2] * 3, "args": {"data": "demo"}}
+    assert resume_mismatches(run, {**run, "mean": [0.41] * 3}) == ["--data"]
+    assert resume_mismatches(run, dict(run)) == []
+
+
+def _split_of(n, size, seed):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=generator)
+    return Split(images, torch.arange(n) % 2, ["a", "b"], [str(i) for i in range(n)])
+
+
+def test_resume_is_exact_for_a_model_with_dropout(tmp_path):
+    """MobileNetV3-Small has dropout before its classifier. Counting FLOPs of a training step (at a
+    size not counted yet in this process: after epoch 2 of the resumed one, but not of the
+    uninterrupted one, which counted 32 px after epoch 1) must not draw from the run's generator."""
+    split = _split_of(8, 32, 0)
+    describe = {**_describe(), "model": "mobilenet_v3_small"}
+    config = TrainConfig(epochs=3, batch_size=4, augment="none", min_size=0, eval_every=1, ema=0.0)
+
+    def run(out, resume=False, monitor=None):
+        torch.manual_seed(0)
+        fit(build_model("mobilenet_v3_small", 2, 32), split, split, describe=describe, config=config, out=out,
+            device=torch.device("cpu"), seed=0, resume=resume, monitor=monitor)
+        return load_checkpoint(out / "last.pt")
+
+    def interrupt(epoch, model):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    uninterrupted = run(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", monitor=interrupt)
+    resumed = run(tmp_path / "b", resume=True)
+    assert [r["train_loss"] for r in resumed["history"]] == [r["train_loss"] for r in uninterrupted["history"]]
+    for name, tensor in uninterrupted["training"]["raw_state_dict"].items():
+        assert torch.equal(tensor, resumed["training"]["raw_state_dict"][name]), name
+    assert torch.equal(resumed["training"]["rng"]["torch"], uninterrupted["training"]["rng"]["torch"])
