@@ -19,7 +19,7 @@ from lib.errors import UserError
 from lib.evaluation import load_predictor
 from lib.metrics import epoch_metrics
 from lib.models import CNN3_MIN_SIZE, build_model
-from lib.recipe import TrainConfig, lr_factor
+from lib.recipe import TrainConfig, config_from_args, lr_factor
 from lib.selection import balance_note, paired_difference, ranking_note
 
 
@@ -360,3 +360,53 @@ def test_resume_is_exact_for_a_model_with_dropout(tmp_path):
     for name, tensor in uninterrupted["training"]["raw_state_dict"].items():
         assert torch.equal(tensor, resumed["training"]["raw_state_dict"][name]), name
     assert torch.equal(resumed["training"]["rng"]["torch"], uninterrupted["training"]["rng"]["torch"])
+
+
+def test_a_class_whose_only_image_is_left_out_of_an_epoch_trains_on(tmp_path):
+    """9 images in batches of 4: the last batch of one image is dropped (BatchNorm). Class b has one
+    training image; in the epoch where the shuffle puts it last, the epoch's batches hold class a
+    only. Its training AUROC is nan (no AUROC exists for one class), not the end of the run."""
+    labels = torch.zeros(9, dtype=torch.int64)
+    labels[4] = 1
+    train = Split(_split_of(9, 32, 0).images, labels, ["a", "b"], [str(i) for i in range(9)])
+    seed = next(s for s in range(100) if all(4 not in b for b in engine._epoch_batches(train, s, 1, 4)))
+    fit(build_model("cnn3", 2, 32), train, _tiny_split(), describe=_describe(), out=tmp_path,
+        device=torch.device("cpu"), seed=seed, config=TrainConfig(epochs=1, batch_size=4, augment="none"))
+    [row] = load_checkpoint(tmp_path / "last.pt")["history"]
+    assert math.isnan(row["train_auroc"]) and math.isfinite(row["train_loss"]) and math.isfinite(row["val_auroc"])
+    assert epoch_metrics([0, 1], [[0.8, 0.2], [0.3, 0.7]])["auroc"] == 1.0
+
+
+def test_a_channel_constant_over_the_training_split_trains(tmp_path):
+    # Every photo's blue is 0: its std was 0 and every input NaN, "training diverged" at any --lr.
+    for split, count in (("train", 4), ("val", 2)):
+        for label in ("a", "b"):
+            (tmp_path / "d" / split / label).mkdir(parents=True)
+            for i in range(count):
+                rgb = np.random.default_rng([i, count, ord(label)]).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                rgb[..., 2] = 0
+                Image.fromarray(rgb).save(tmp_path / "d" / split / label / f"{i}.png")
+    out = tmp_path / "run"
+    run_main("train.py", "--data", tmp_path / "d", "--model", "cnn3", "--image-size", "32", "--epochs", "1",
+             "--batch-size", "4", "--no-pixel-cache", "--out", out)
+    checkpoint = load_checkpoint(out / "last.pt")
+    assert checkpoint["std"][2] == 1.0 and math.isfinite(checkpoint["metrics"]["train_loss"])
+    # A std of 0 given by hand is refused in one line.
+    refused = run_main("train.py", "--data", tmp_path / "d", "--model", "cnn3", "--mean", "0.5", "0.5", "0.5",
+                       "--std", "0.2", "0.2", "0", "--out", tmp_path / "other", check=False)
+    assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "argument --std: must be greater than 0, got 0" in refused.stderr
+
+
+@pytest.mark.parametrize("script", ["train.py", "transfer.py", "crossval.py"])
+def test_patience_none_turns_early_stopping_off(script):
+    import importlib
+    parser = importlib.import_module(script[:-3]).get_args_parser()
+    required = {"train.py": [], "transfer.py": ["--source", "s.pt"], "crossval.py": ["--source", "s.pt"]}[script]
+    args = parser.parse_args(["--data", "demo", "--out", "o", *required, "--patience", "none"])
+    assert args.patience is None
+    assert config_from_args(args, torch.device("cpu")).patience is None
+    assert parser.parse_args(["--data", "demo", "--out", "o", *required, "--patience", "3"]).patience == 3
+    assert "none: never stop early" in " ".join(parser.format_help().split())
+    refused = run_main(script, "--data", "demo", "--out", "o", *required, "--patience", "0", check=False)
+    assert refused.returncode == 2 and "--patience: must be a positive integer or none, got 0" in refused.stderr
