@@ -232,16 +232,19 @@ def resume_mismatches(saved, describe):
 
 
 def _shown(run, flag):
-    """`--flag value` as the run had it: lists as values in a row, on/off flags by name."""
+    """`--flag value` as the run had it: lists as values in a row, on/off flags by name, a flag
+    left at None (e.g. --mean: the training split's) as `no --flag`."""
     key = flag[2:].replace("-", "_")
     value = _SHOWN[key](run) if key in _SHOWN else _value(run, key, _legacy_defaults())
     if value is _UNRECORDED:
         return f"{flag} (not recorded)"
-    if isinstance(value, bool):
-        return flag if value else f"no {flag}"
+    if value is None or value is False:
+        return f"no {flag}"
+    if value is True:
+        return flag
     if isinstance(value, (list, tuple)):
         return f"{flag} {' '.join(map(str, value))}"
-    return f"{flag} {'none' if value is None else value}"
+    return f"{flag} {value}"
 
 
 def check_resume(saved, describe, path):

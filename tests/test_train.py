@@ -303,7 +303,7 @@ def test_resume_compares_every_flag_that_shapes_training():
 
 
 @pytest.mark.parametrize("changed, had", [
-    (["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"], "--mean none, --std none"),
+    (["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"], "no --mean, no --std"),
     (["--max-image-pixels", "0"], "--max-image-pixels 89478485"),
     (["--skip-bad-images"], "no --skip-bad-images"),
 ])
