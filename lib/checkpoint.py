@@ -226,9 +226,14 @@ def resume_mismatches(saved, describe):
     # Nothing the user set differs, yet the training split has other classes or other statistics
     # (its mean and std when --mean/--std were not given): the data changed under the run.
     if not flags and (list(saved.get("classes", [])) != list(describe["classes"])
-                      or [saved.get("mean"), saved.get("std")] != [describe.get("mean"), describe.get("std")]):
+                      or _statistics(saved) != _statistics(describe)):
         flags.append("--data")
     return flags
+
+
+def _statistics(run):
+    """The normalisation a run trained with, as comparable lists of floats (None where not recorded)."""
+    return [None if run.get(key) is None else [float(v) for v in run[key]] for key in ("mean", "std")]
 
 
 def _shown(run, flag):
