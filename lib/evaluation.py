@@ -87,7 +87,8 @@ def format_report(report):
         auroc_ci = f"95% CI {a_lo:.4f}-{a_hi:.4f}, {boot['n_resamples_auroc']} of {boot['n_resamples']} resamples"
     lines = [f"images            {report['n_images']}",
              f"accuracy          {report['accuracy']:.4f}  (95% CI {lo:.4f}-{hi:.4f}, {boot['n_resamples']} resamples)",
-             f"AUROC             {report['auroc']:.4f}  ({auroc_ci})",
+             f"AUROC             {report['auroc']:.4f}  ({auroc_ci})" if report["auroc"] is not None else
+             "AUROC             -",
              f"  estimator       {report['auroc_estimator']}",
              f"balanced accuracy {report['balanced_accuracy']:.4f}",
              f"loss              {report['loss']:.4f}"]

@@ -41,9 +41,12 @@ def auroc(labels, probs, multi_class="ovr"):
 
 def auroc_estimator(labels, classes):
     """In words, what auroc() computes for these labels (the report says which one it gave)."""
+    present = set(np.unique(np.asarray(labels)).tolist())
+    if len(present) < 2:
+        only = ", ".join(classes[i] for i in sorted(present)) or "no images"
+        return f"none: AUROC needs images of two classes, this split holds {only} only"
     if len(classes) == 2:
         return f"binary: {classes[1]} (class 1) against {classes[0]}"
-    present = set(np.unique(np.asarray(labels)).tolist())
     if len(present) == len(classes):
         return f"macro one-vs-rest over all {len(classes)} classes"
     absent = [name for i, name in enumerate(classes) if i not in present]
@@ -81,7 +84,8 @@ def epoch_metrics(labels, probs):
 
 
 def full_report(labels, probs, classes):
-    """Everything evaluate.py reports for a labelled split."""
+    """Everything evaluate.py reports for a labelled split; auroc None for a split of one class
+    (e.g. photos of one landmark), whose accuracy, recall and loss still mean what they say."""
     labels, probs = _as_numpy(labels, probs)
     predicted = probs.argmax(1)
     everything = list(range(len(classes)))
@@ -90,8 +94,8 @@ def full_report(labels, probs, classes):
     report = {
         "n_images": int(len(labels)),
         "accuracy": float(skm.accuracy_score(labels, predicted)),
-        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, predicted)),
-        "auroc": auroc(labels, probs),
+        "balanced_accuracy": balanced_accuracy(labels, predicted),
+        "auroc": auroc(labels, probs) if len(np.unique(labels)) > 1 else None,  # one class: accuracy is recall
         "auroc_estimator": auroc_estimator(labels, classes),
         "loss": log_loss(labels, probs),
         "per_class": {name: {"precision": float(precision[i]), "recall": float(recall[i]),

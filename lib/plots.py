@@ -43,8 +43,11 @@ def plot_roc(labels, probs, classes, path):
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
-    ax.set_title("ROC")
-    ax.legend(loc="lower right", fontsize="small")
+    if ax.get_legend_handles_labels()[0]:
+        ax.set_title("ROC")
+        ax.legend(loc="lower right", fontsize="small")
+    else:  # a split of one class has no negatives, so no curve
+        ax.set_title("ROC: none, the split holds one class")
     ax.grid(alpha=0.3)
     save_figure(fig, path)
 

@@ -195,3 +195,20 @@ def test_evaluate_tta_from_the_command_line(demo_data, target_run, tmp_path):
     predictor = load_predictor(target_run / "best.pt", torch.device("cpu"))
     np.testing.assert_allclose(written, predictor.predict(images, tta=True), atol=1e-6)
     assert not np.allclose(written, predictor.predict(images), atol=1e-4), "TTA changed nothing"
+
+
+def test_a_split_of_one_class_is_evaluated_without_auroc(demo_data, target_run, tmp_path):
+    """Photos of one landmark: accuracy (its recall) and loss are what they say; AUROC does not
+    exist, and the report says why instead of refusing the split."""
+    from test_reliability import copy_dataset
+    data = copy_dataset(demo_data, tmp_path / "d", rows=lambda rows: [
+        r for r in rows if r["partition"] == "train" or r["semantic_label"] == TARGET_CLASSES[1]])
+    out = tmp_path / "eval"
+    result = run_main("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", data, "--split", "val",
+                      "--out", out)
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["auroc"] is None and report["ci95"]["auroc"] is None
+    assert report["auroc_estimator"] == f"none: AUROC needs images of two classes, this split holds " \
+                                        f"{TARGET_CLASSES[1]} only"
+    assert report["accuracy"] == report["per_class"][TARGET_CLASSES[1]]["recall"]
+    assert "AUROC             -" in result.stdout and (out / "roc.png").stat().st_size > 0
