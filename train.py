@@ -33,7 +33,7 @@ def get_args_parser():
     parser.add_argument("--weights", metavar="FILE",
                         help="start from this torchvision-format state_dict (torch.save(model.state_dict())) of "
                              "the same architecture; its classifier is replaced for the task's classes")
-    parser.add_argument("--mean", type=float, nargs=3, metavar=("R", "G", "B"),
+    parser.add_argument("--mean", type=cli.finite_float, nargs=3, metavar=("R", "G", "B"),
                         help="per-channel mean of pixels scaled to [0, 1], e.g. ImageNet's 0.485 0.456 0.406 "
                              "with weights trained on it (None: the training split's)")
     parser.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"),

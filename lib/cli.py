@@ -4,6 +4,7 @@ Output rule, the same for every script: an output that already exists is refused
 --overwrite is given (train.py and transfer.py also accept --resume to continue a run).
 """
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -52,15 +53,23 @@ def non_negative_int(text):
     return value
 
 
-def non_negative_float(text):
+def finite_float(text):
+    """A number; nan and inf are refused (a nan --mean or an inf --std would make every input nan or 0)."""
     value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def non_negative_float(text):
+    value = finite_float(text)
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
 
 
 def positive_float(text):
-    value = float(text)
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0, got {text}")
     return value

@@ -396,6 +396,12 @@ def test_a_channel_constant_over_the_training_split_trains(tmp_path):
                        "--std", "0.2", "0.2", "0", "--out", tmp_path / "other", check=False)
     assert refused.returncode == 2 and len(refused.stderr.strip().splitlines()) == 1
     assert "argument --std: must be greater than 0, got 0" in refused.stderr
+    for flag, values, message in (("--std", ["0.2", "0.2", "inf"], "argument --std: must be a finite number, got inf"),
+                                  ("--mean", ["0.5", "nan", "0.5"], "argument --mean: must be a finite number, got nan")):
+        other = {"--std": ["--mean", "0.5", "0.5", "0.5"], "--mean": ["--std", "0.2", "0.2", "0.2"]}[flag]
+        refused = run_main("train.py", "--data", tmp_path / "d", *other, flag, *values, "--out", tmp_path / "o",
+                           check=False)
+        assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1
 
 
 @pytest.mark.parametrize("script", ["train.py", "transfer.py", "crossval.py"])
