@@ -9,7 +9,8 @@ path, size, modification time, status-change time and inode, so a changed, added
 re-linked file gives another name and the old entry is never read again (the next writer
 deletes it). The status-change time (ctime) catches what the others miss: a file rewritten in
 place at the same size with its modification time put back (touch -r, cp -p, rsync -t
---inplace, exiftool -P), or whose permissions changed; no program can set it back.
+--inplace, exiftool -P); the kernel sets it on every change and tools cannot set it back. It
+also moves on a chmod, chown or new hard link, which then cost one decoding more.
 A file that failed to decode is tried again whenever its entry is read, and if it decodes now
 (an I/O error that passed, a permission fixed) the entry is written anew: a failure is never
 replayed from the cache once its cause is gone.
