@@ -27,7 +27,7 @@ import torch.nn as nn
 from lib import ensemble, weights
 from lib.checkpoint import FORMAT
 from lib.files import atomic_write
-from lib.data import check_labels_in_classes, load_split
+from lib.data import load_split, match_classes
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
 from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, make_session
 from lib.engine import predict_probs
@@ -182,7 +182,7 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0)
                             f"or --synthetic-verify for generated images")
     part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"))
     if part.labels is not None:
-        check_labels_in_classes(part, checkpoint["classes"], f"--verify-data {data}")
+        part = match_classes(part, checkpoint["classes"], f"--verify-data {data}")
     folder = data if data == "demo" else str(Path(data).resolve())
     return part.images, part.labels, {"data": folder, "split": split, "count": len(part)}
 
