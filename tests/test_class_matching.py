@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import run_main
-from lib.checkpoint import build_from_checkpoint, load_checkpoint
+from lib.checkpoint import build_from_checkpoint, load_checkpoint, save_checkpoint
 from lib.crossval import pool
 from lib.data import Split, match_classes
 from lib.ensemble import ensemble_checkpoint
@@ -33,13 +33,13 @@ def _predictions(path):
         return {Path(row.pop("filename")).name: row for row in csv.DictReader(f)}
 
 
-def test_an_imagefolder_copy_in_another_class_order_evaluates_as_the_csv_original(source_run, demo_data, tmp_path):
+def test_an_imagefolder_copy_in_another_class_order_evaluates_as_the_csv_original(target_run, demo_data, tmp_path):
     folder = tmp_path / "folders"
-    truth = _imagefolder_copy(demo_data, folder, "source", "val")
-    checkpoint = load_checkpoint(source_run / "best.pt")
+    truth = _imagefolder_copy(demo_data, folder, "target", "val")
+    checkpoint = load_checkpoint(target_run / "best.pt")
     assert sorted(checkpoint["classes"]) != checkpoint["classes"], "the folders must sort in another order"
     for name, data in (("csv", demo_data), ("folders", folder)):
-        run_main("evaluate.py", "--checkpoint", source_run / "best.pt", "--data", data, "--task", "source",
+        run_main("evaluate.py", "--checkpoint", target_run / "best.pt", "--data", data, "--task", "target",
                  "--split", "val", "--out", tmp_path / name)
     original, copy = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in ("csv", "folders"))
     assert (copy["n_images"], copy["confusion_matrix"]) == (original["n_images"], original["confusion_matrix"])
@@ -57,12 +57,12 @@ def test_an_imagefolder_copy_in_another_class_order_evaluates_as_the_csv_origina
             [float(row[c]) for c in row if c.startswith("prob_")], abs=2e-6), name
 
 
-def test_explain_reads_an_imagefolder_copy_in_another_class_order(source_run, demo_data, tmp_path):
-    truth = _imagefolder_copy(demo_data, tmp_path / "folders", "source", "val")
-    run_main("explain.py", "--checkpoint", source_run / "best.pt", "--data", tmp_path / "folders",
-             "--num-images", "0", "--out", tmp_path / "cam")
+def test_explain_reads_an_imagefolder_copy_in_another_class_order(target_run, demo_data, tmp_path):
+    truth = _imagefolder_copy(demo_data, tmp_path / "folders", "target", "val")
+    run_main("explain.py", "--checkpoint", target_run / "best.pt", "--data", tmp_path / "folders",
+             "--num-images", "6", "--out", tmp_path / "cam")
     images = json.loads((tmp_path / "cam" / "cam_stats.json").read_text())["images"]
-    assert len(images) == len(truth) and all(truth[Path(i["filename"]).name] == i["true"] for i in images)
+    assert len(images) == 6 and all(truth[Path(i["filename"]).name] == i["true"] for i in images)
 
 
 def test_another_set_of_class_names_is_refused_naming_what_differs(target_run, demo_data, tmp_path):
@@ -84,20 +84,23 @@ def test_labels_are_renumbered_to_the_model_order():
         match_classes(split, ["a", "b", "c", "d"], "--data d")
 
 
-def test_an_ensemble_member_with_the_classes_in_another_order_is_put_in_the_first_members_order(source_run):
+def test_an_ensemble_member_with_the_classes_in_another_order_is_put_in_the_first_members_order(target_run, tmp_path):
     """A member whose head lists the same classes reversed is the same model: the ensemble of the
     two must give the first member's probabilities."""
-    first = load_checkpoint(source_run / "best.pt")
+    first = load_checkpoint(target_run / "best.pt")
     head = [key for key in first["state_dict"] if key.startswith("fc.")]  # cnn3's classifier
     assert head
     reversed_member = {**first, "classes": first["classes"][::-1],
                        "state_dict": {**first["state_dict"], **{k: first["state_dict"][k].flip(0) for k in head}}}
-    combined = ensemble_checkpoint(["a.pt", "b.pt"], [first, reversed_member])
+    paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
+    for path, member in zip(paths, (first, reversed_member)):
+        save_checkpoint(member, path)
+    combined = ensemble_checkpoint(paths, [first, reversed_member])
     assert combined["classes"] == first["classes"]
     images = torch.randn(4, 3, first["image_size"], first["image_size"])
     expected = torch.softmax(build_from_checkpoint(first)(images), 1)
     torch.testing.assert_close(torch.softmax(build_from_checkpoint(combined)(images), 1), expected)
     renamed = {**reversed_member, "classes": ["other", *reversed_member["classes"][1:]]}
-    with pytest.raises(UserError, match=rf"^member b.pt: the classes differ \(in b.pt, not in a.pt: other; "
-                                        rf"in a.pt, not in b.pt: {first['classes'][-1]}\)$"):
-        ensemble_checkpoint(["a.pt", "b.pt"], [first, renamed])
+    with pytest.raises(UserError, match=rf"member .*b.pt: the classes differ \(in .*b.pt, not in .*a.pt: other; "
+                                        rf"in .*a.pt, not in .*b.pt: {first['classes'][-1]}\)$"):
+        ensemble_checkpoint(paths, [first, renamed])
