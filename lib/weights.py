@@ -108,7 +108,7 @@ def _published_weights(model_name, value, choice):
         raise UserError(f"{where}: {full_name} is not cached and could not be downloaded ({reason}); "
                         f"download {choice.url} and put it at {path}") from None
     sha256 = file_hash(path)
-    expected = re.search(r"-([a-f0-9]+)\.", path.name)
+    expected = torch.hub.HASH_REGEX.search(path.name)
     if expected and not sha256.startswith(expected.group(1)):
         print(f"warning: {path} does not have the sha256 its name promises ({expected.group(1)}...); "
               f"delete it to download {full_name} again", file=sys.stderr)

@@ -2,6 +2,7 @@
 network is blocked), their preprocessing and lineage; state_dict files saved by wrapped models
 or older PyTorch."""
 import json
+import re
 import socket
 
 import pytest
@@ -154,3 +155,33 @@ def test_state_dicts_of_wrapped_models_and_older_pytorch_load(mobilenet_state, t
     for key, tensor in model.state_dict().items():
         if not key.startswith("classifier.3.") and not key.endswith("num_batches_tracked"):
             assert torch.equal(tensor, mobilenet_state[key]), key
+
+
+def _cache(torch_home, choice, state):
+    torch_home.mkdir(parents=True, exist_ok=True)
+    torch.save(state, weights.cache_path(choice.url))
+
+
+def test_densenet_weights_in_torchvisions_old_names_load(torch_home):
+    """torchvision's DenseNet files (2017: before num_batches_tracked) name 'norm.1' what the model
+    calls 'norm1' (its builder renames them)."""
+    torch.manual_seed(5)
+    state = torchvision.models.densenet121(weights=None).state_dict()
+    old_names = {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", key): value
+                 for key, value in state.items() if not key.endswith("num_batches_tracked")}
+    assert old_names.keys() != state.keys()
+    _cache(torch_home, torchvision.models.DenseNet121_Weights.DEFAULT, old_names)
+    model = build_model("densenet121", 2, 32)
+    weights.load_weights(model, "densenet121", weights.open_weights("densenet121", "DEFAULT"))
+    assert torch.equal(model.state_dict()["features.denseblock4.denselayer16.conv2.weight"],
+                       state["features.denseblock4.denselayer16.conv2.weight"])
+
+
+def test_googlenet_weights_get_the_unit_range_their_builder_converts_to(torch_home):
+    """torchvision builds GoogLeNet with transform_input=True for its weights, mapping ImageNet-normalised
+    input to (x - 0.5) / 0.5; without that layer the same numbers come from mean = std = 0.5."""
+    _cache(torch_home, torchvision.models.GoogLeNet_Weights.DEFAULT,
+           torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False).state_dict())
+    start = weights.open_weights("googlenet", "DEFAULT")
+    assert (start.mean, start.std, start.image_size) == ([0.5] * 3, [0.5] * 3, 224)
+    weights.load_weights(build_model("googlenet", 2, 64), "googlenet", start)  # the auxiliary heads are skipped
