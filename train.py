@@ -33,8 +33,8 @@ def get_args_parser():
                              "drops it; auto: no-maxpool under 128 px")
     parser.add_argument("--weights", metavar="NAME|FILE",
                         help="start from torchvision's published weights for --model by name (DEFAULT, "
-                             "IMAGENET1K_V1, ...: torchvision.models.get_model_weights(MODEL) lists them; a name "
-                             "the model lacks is refused with the list), read from torchvision's cache "
+                             "IMAGENET1K_V1, ...: torchvision.models.get_model_weights(MODEL) lists them, and so "
+                             "does the refusal of a name the model lacks), read from torchvision's cache "
                              "($TORCH_HOME/hub/checkpoints) or downloaded into it; or from a torchvision-format "
                              "state_dict file (torch.save(model.state_dict())) of the same architecture. The "
                              "classifier is replaced for the task's classes")
@@ -54,8 +54,8 @@ def main(args):
         raise UserError("--mean and --std: give both (the statistics the weights were trained with) or neither")
     device = distributed.pick_device(args.device)
     distributed.setup(device)
-    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
     start = weights.open_weights(args.model, args.weights) if args.weights else None
+    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
     image_size, size_reason = weights.image_size_for(args.image_size, start, cli.DEFAULT_IMAGE_SIZE)
     train = load_split(args.data, "train", args.task, image_size, resize=args.resize, **cli.load_options(args))
     val = load_split(args.data, "val", args.task, image_size, resize=args.resize, **cli.load_options(args))

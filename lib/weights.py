@@ -205,7 +205,7 @@ def image_size_for(given, weights, default):
     if weights is not None and weights.image_size:
         return weights.image_size, (f"the resolution {weights.lineage['weights']} was trained at "
                                     "(weights.transforms()); --image-size changes it")
-    return default, f"the default for weights {'from a file' if weights else 'at random'}"
+    return default, "the default; --image-size changes it"
 
 
 def normalisation(mean, std, weights, train):

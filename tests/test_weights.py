@@ -111,6 +111,7 @@ def test_without_network_or_cache_one_line_names_the_url_and_the_cache_path(torc
                             "cached and could not be downloaded (", "Network is unreachable",
                     f"; download {PUBLISHED.url} and put it at {path}")
     assert not path.exists() and not list(torch_home.iterdir())
+    assert not (tmp_path / "run").exists(), "refused before --out is made"
 
 
 def test_an_unreadable_cached_file_is_named(torch_home):
