@@ -53,9 +53,9 @@ def main(args):
     checkpoints[1:] = [in_class_order(checkpoint, first["classes"], f"--compare {path}", (str(paths[0]), str(path)))
                        for path, checkpoint in zip(paths[1:], checkpoints[1:])]
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
-        if (checkpoint["classes"], checkpoint["image_size"], checkpoint.get("resize", "squash")) != \
-                (first["classes"], first["image_size"], first.get("resize", "squash")):
-            raise UserError(f"--compare {path}: its classes or image size differ from {paths[0]}'s (or its resize policy), "
+        if (checkpoint["image_size"], checkpoint.get("resize", "squash")) != \
+                (first["image_size"], first.get("resize", "squash")):
+            raise UserError(f"--compare {path}: its image size or resize policy differs from {paths[0]}'s, "
                             "so the same images cannot be explained by both")
     device = distributed.pick_device(args.device)
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("cam_stats.json", "grid.png"))
