@@ -84,14 +84,19 @@ def test_labels_are_renumbered_to_the_model_order():
         match_classes(split, ["a", "b", "c", "d"], "--data d")
 
 
+def _reversed(checkpoint):
+    """The same cnn3 with its classes listed in reverse order (its head's rows reversed with them)."""
+    head = [key for key in checkpoint["state_dict"] if key.startswith("fc.")]
+    assert head
+    return {**checkpoint, "classes": checkpoint["classes"][::-1],
+            "state_dict": {**checkpoint["state_dict"], **{k: checkpoint["state_dict"][k].flip(0) for k in head}}}
+
+
 def test_an_ensemble_member_with_the_classes_in_another_order_is_put_in_the_first_members_order(target_run, tmp_path):
     """A member whose head lists the same classes reversed is the same model: the ensemble of the
     two must give the first member's probabilities."""
     first = load_checkpoint(target_run / "best.pt")
-    head = [key for key in first["state_dict"] if key.startswith("fc.")]  # cnn3's classifier
-    assert head
-    reversed_member = {**first, "classes": first["classes"][::-1],
-                       "state_dict": {**first["state_dict"], **{k: first["state_dict"][k].flip(0) for k in head}}}
+    reversed_member = _reversed(first)
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
     for path, member in zip(paths, (first, reversed_member)):
         save_checkpoint(member, path)
@@ -104,3 +109,12 @@ def test_an_ensemble_member_with_the_classes_in_another_order_is_put_in_the_firs
     with pytest.raises(UserError, match=rf"member .*b.pt: the classes differ \(in .*b.pt, not in .*a.pt: other; "
                                         rf"in .*a.pt, not in .*b.pt: {first['classes'][-1]}\)$"):
         ensemble_checkpoint(paths, [first, renamed])
+
+
+def test_explain_compares_a_model_with_its_classes_in_another_order(target_run, demo_data, tmp_path):
+    save_checkpoint(_reversed(load_checkpoint(target_run / "best.pt")), tmp_path / "reversed.pt")
+    run_main("explain.py", "--compare", target_run / "best.pt", tmp_path / "reversed.pt", "--data", demo_data,
+             "--task", "target", "--num-images", "3", "--out", tmp_path / "cam")
+    a, b = json.loads((tmp_path / "cam" / "cam_stats.json").read_text())["models"]
+    assert [(i["pred"], i["prob"], i["map_of"]) for i in a["images"]] == \
+           [(i["pred"], i["prob"], i["map_of"]) for i in b["images"]], "the same model under either class order"
