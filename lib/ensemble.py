@@ -7,9 +7,9 @@ lib.models.Ensemble (whose output is the log of the members' mean probabilities;
 Keys:
 - model, stem, classes, image_size, resize, mean, std: the same in every member (MUST_MATCH;
   members that differ in one are refused, naming it; classes by name: a member with the same
-  names in another order has its head's rows put in the first member's order), plus format, and task, args (the entries
-  whose values all members share: a seed run's seed and out differ) and lineage where all
-  members have the same;
+  names in another order has its head's rows put in the first member's order), plus format,
+  and task, args (the entries whose values all members share: a seed run's seed and out differ)
+  and lineage where all members have the same;
 - ensemble: {"combine": COMBINE, "members": one record per member, in order: its checkpoint
   path and sha256, seed, epoch, selection (the rule that chose it, as OUT/model.pt names it),
   val metrics of that epoch and lineage};
@@ -66,8 +66,8 @@ def in_class_order(checkpoint, classes, where, sides):
     if list(checkpoint["classes"]) == list(classes):
         return checkpoint
     rows = torch.tensor(class_order(classes, checkpoint["classes"], where, sides))
-    members = checkpoint["ensemble"]["members"] if is_ensemble(checkpoint) else [None]
-    heads = [f"members.{i}." if is_ensemble(checkpoint) else "" for i in range(len(members))]
+    heads = ([f"members.{i}." for i in range(len(checkpoint["ensemble"]["members"]))]
+             if is_ensemble(checkpoint) else [""])
     state = dict(checkpoint["state_dict"])
     for prefix in heads:
         for key in (f"{prefix}{head_name(checkpoint['model'])}.{part}" for part in ("weight", "bias")):
