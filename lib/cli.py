@@ -79,7 +79,8 @@ def add_data_args(parser, image_size=True, data_required=True, size_from_weights
                        help="which task's rows to use (needed for the CSV layout, unused for ImageFolder)")
     if image_size:
         group.add_argument("--image-size", type=positive_int,
-                           default=None if size_from_weights else DEFAULT_IMAGE_SIZE, help="images of another size are resized to this square size"
+                           default=None if size_from_weights else DEFAULT_IMAGE_SIZE,
+                           help="images of another size are resized to this square size"
                                 + (f" (None: {DEFAULT_IMAGE_SIZE}, or the resolution published --weights "
                                    "were trained at)" if size_from_weights else ""))
         group.add_argument("--resize", choices=RESIZE_POLICIES, default="squash",
