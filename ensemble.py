@@ -1,8 +1,8 @@
 """Combine compatible checkpoints into one ensemble checkpoint that averages their probabilities.
 
 Example: python ensemble.py runs/t0/model.pt runs/t1/model.pt runs/t2/model.pt --out runs/ensemble.pt
-The members must share model, stem, classes, image size, resize policy, mean and std (a member
-that differs is refused, naming what differs). evaluate.py, explain.py and export.py take the
+The members must share model, stem, class names (in any order: the ensemble takes the first's),
+image size, resize policy, mean and std (a member that differs is refused, naming what differs). evaluate.py, explain.py and export.py take the
 result as one model; transfer.py --seeds trains the members and writes it in one go.
 """
 from pathlib import Path

@@ -4,12 +4,12 @@ Example: python evaluate.py --checkpoint runs/target/best.pt --data ../shared/da
 A labelled split gets OUT/metrics.json (with 95% bootstrap intervals), roc.png, confusion.png,
 predictions.csv and mistakes.png; an unlabelled one (challenge) gets predictions.csv only.
 Images are read at the model's size, --task defaults to the checkpoint's task, and the data's
-class names must be the model's.
+class names must be the model's, in any order (results are in the model's order).
 """
 from pathlib import Path
 
 from lib import cli, distributed, evaluation
-from lib.data import SPLITS, check_labels_in_classes, load_split
+from lib.data import SPLITS, load_split, match_classes
 from lib.errors import UserError
 from lib.files import write_json
 from lib.plots import plot_confusion, plot_mistakes, plot_roc
@@ -41,8 +41,8 @@ def main(args):
     split = load_split(args.data, args.split, task, predictor.image_size, resize=predictor.resize,
                        **cli.load_options(args))
     if split.labels is not None or split.classes:
-        check_labels_in_classes(split, predictor.classes, f"--data {args.data} (task {task}) and "
-                                                          f"--checkpoint {args.checkpoint}")
+        split = match_classes(split, predictor.classes, f"--data {args.data} (task {task}) and "
+                                                        f"--checkpoint {args.checkpoint}")
     if split.labels is None and args.json:
         raise UserError(f"--json {args.json}: split {args.split!r} has no labels, so there are no metrics")
     classes = predictor.classes

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from lib import cam, cli, distributed
 from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
-from lib.data import SPLITS, check_labels_in_classes
+from lib.data import SPLITS, match_classes
+from lib.ensemble import in_class_order
 from lib.errors import UserError
 from lib.files import write_json
 
@@ -20,7 +21,8 @@ def get_args_parser():
     which = parser.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="the checkpoint to explain")
     which.add_argument("--compare", nargs=2, metavar=("CKPT_A", "CKPT_B"),
-                       help="explain the same images with two checkpoints (same classes), side by side")
+                       help="explain the same images with two checkpoints (the same class names, in any order), "
+                            "side by side")
     cli.add_data_args(parser, image_size=False, data_required=False)
     group = parser.add_argument_group("explanation")
     group.add_argument("--split", choices=SPLITS, default="val", help="which split of --data to explain")
@@ -48,17 +50,19 @@ def main(args):
     paths = args.compare or [args.checkpoint]
     checkpoints = [load_checkpoint(path) for path in paths]
     first = checkpoints[0]
+    checkpoints[1:] = [in_class_order(checkpoint, first["classes"], f"--compare {path}", (str(paths[0]), str(path)))
+                       for path, checkpoint in zip(paths[1:], checkpoints[1:])]
     for path, checkpoint in zip(paths[1:], checkpoints[1:]):
-        if (checkpoint["classes"], checkpoint["image_size"], checkpoint.get("resize", "squash")) != \
-                (first["classes"], first["image_size"], first.get("resize", "squash")):
-            raise UserError(f"--compare {path}: its classes or image size differ from {paths[0]}'s (or its resize policy), "
+        if (checkpoint["image_size"], checkpoint.get("resize", "squash")) != \
+                (first["image_size"], first.get("resize", "squash")):
+            raise UserError(f"--compare {path}: its image size or resize policy differs from {paths[0]}'s, "
                             "so the same images cannot be explained by both")
     device = distributed.pick_device(args.device)
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("cam_stats.json", "grid.png"))
     split = cam.load_images(args.images, args.data, args.task, args.split, args.num_images, args.seed,
                             first["image_size"], first["classes"], first.get("resize", "squash"),
                             **cli.load_options(args))
-    check_labels_in_classes(split, first["classes"], f"--data {args.data}")
+    split = match_classes(split, first["classes"], f"--data {args.data} and {paths[0]}")
     target = cam.class_index(args.target_class, first["classes"])
 
     explanations = []

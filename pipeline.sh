@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # The whole job as a user types it: training (and transfer), evaluation, explanation, export.
 # Usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR] [--model NAME]
-#                         [--image-size N] [--resize squash|crop|pad]
+#                         [--weights NAME|FILE] [--image-size N] [--resize squash|crop|pad]
 #   DATA: the dataset to end up with a model for, or "demo" for the built-in one.
 #   - DATA in the CSV layout with a source and a target task (the reference landmarks, demo):
 #     train.py on the source task, then transfer.py onto the target task.
 #   - DATA of one task (ImageFolder layout): train.py on it, once; no transfer step.
 #   - --source CKPT: transfer.py from that checkpoint onto DATA (its model, size and resize).
 #   - --source-data DIR: train.py on DIR (its source task if it has one), then transfer.py onto DATA.
-#   --model, --image-size and --resize go to train.py (a transfer takes them from its source).
+#   --model, --weights, --image-size and --resize go to train.py (a transfer takes them from its
+#   source); --weights DEFAULT starts from torchvision's published weights for --model.
 # Environment: PYTHON, the interpreter (default: python); AMP, the --amp of train.py and
 # transfer.py (default: auto; AMP=off trains in float32 on any CPU); SEED, the --seed of train.py,
 # transfer.py and export.py (default: 0).
@@ -19,7 +20,7 @@
 set -euo pipefail
 usage() {
   echo "usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR] [--model NAME]" \
-       "[--image-size N] [--resize squash|crop|pad]" >&2
+       "[--weights NAME|FILE] [--image-size N] [--resize squash|crop|pad]" >&2
   [ $# -eq 0 ] || echo "pipeline.sh: error: $*" >&2
   exit 2
 }
@@ -33,14 +34,14 @@ while [ $# -gt 0 ]; do
   case $1 in
     --source) source_checkpoint=$2 ;;
     --source-data) source_data=$2 ;;
-    --model|--image-size|--resize) train_options+=("$1" "$2") ;;
+    --model|--weights|--image-size|--resize) train_options+=("$1" "$2") ;;
     *) usage "unknown option $1" ;;
   esac
   shift 2
 done
 [ -z "$source_checkpoint" ] || [ -z "$source_data" ] || usage "give --source or --source-data, not both"
 [ -z "$source_checkpoint" ] || [ ${#train_options[@]} -eq 0 ] ||
-  usage "${train_options[0]}: a transfer takes the model, image size and resize of --source $source_checkpoint"
+  usage "${train_options[0]}: a transfer takes the model, weights, image size and resize of --source $source_checkpoint"
 here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-python}
 amp=${AMP:-auto}

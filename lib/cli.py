@@ -82,9 +82,13 @@ def unit_interval(text):
     return value
 
 
-def add_data_args(parser, image_size=True, data_required=True):
+DEFAULT_IMAGE_SIZE = 64
+
+
+def add_data_args(parser, image_size=True, data_required=True, size_from_weights=False):
     """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
-    data_required=False for scripts that can read image files instead."""
+    data_required=False for scripts that can read image files instead; size_from_weights: the
+    --image-size default is None, for the script to choose (train.py: published weights' size)."""
     from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
 
     group = parser.add_argument_group("data")
@@ -93,8 +97,11 @@ def add_data_args(parser, image_size=True, data_required=True):
     group.add_argument("--task", choices=["source", "target"],
                        help="which task's rows to use (needed for the CSV layout, unused for ImageFolder)")
     if image_size:
-        group.add_argument("--image-size", type=positive_int, default=64,
-                           help="images of another size are resized to this square size")
+        group.add_argument("--image-size", type=positive_int,
+                           default=None if size_from_weights else DEFAULT_IMAGE_SIZE,
+                           help="images of another size are resized to this square size"
+                                + (f" (None: {DEFAULT_IMAGE_SIZE}, or the resolution published --weights "
+                                   "were trained at)" if size_from_weights else ""))
         group.add_argument("--resize", choices=RESIZE_POLICIES, default="squash",
                            help="how a photo that is not square becomes one: squash (resize, aspect ignored), "
                                 "crop (centre crop of the short side) or pad (letterbox, black bars); kept in "

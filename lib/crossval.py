@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from lib import cli, flops, transfer
 from lib.checkpoint import data_location, resume_mismatches, save_checkpoint
-from lib.data import ImageRows, Split
+from lib.data import ImageRows, Split, match_classes
 from lib.engine import fit, predict_probs
 from lib.errors import UserError
 from lib.metrics import epoch_metrics
@@ -70,10 +70,10 @@ def rules(config, nested):
 
 
 def pool(*splits):
-    """One Split of several labelled splits of the same task; its images index theirs (no copy)."""
+    """One Split of several labelled splits of the same task, labelled in the first's class order;
+    its images index theirs (no copy)."""
     classes = splits[0].classes
-    if any(part.classes != classes for part in splits):
-        raise UserError("the splits to pool have different classes")
+    splits = [match_classes(part, classes, "the splits to pool") for part in splits]
     return Split(ImageRows([part.images for part in splits]), torch.cat([part.labels for part in splits]),
                  classes, [name for part in splits for name in part.filenames])
 

@@ -20,7 +20,7 @@ import csv
 import io
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -260,8 +260,26 @@ def channel_stats(images, chunk=256):
     return stats_from_counts(counts)
 
 
-def check_labels_in_classes(split, classes, where):
-    """The split's class list must be the checkpoint's: a mismatch would give wrong numbers."""
-    if list(split.classes) != list(classes):
-        raise UserError(f"{where}: the data's classes {split.classes} differ from the "
-                        f"checkpoint's {list(classes)}")
+def class_order(names, reference, where, sides=("the data", "the model")):
+    """For each of `names`, its index in `reference`: the same class names in any order map onto
+    each other. A different set of names (or a name repeated) is a UserError starting with
+    `where` that names what is in one and not the other; sides: what `names` and `reference` are."""
+    names, reference = list(names), list(reference)
+    extra = [name for name in names if name not in reference]
+    missing = [name for name in reference if name not in names]
+    if extra or missing or len(set(names)) != len(names) or len(set(reference)) != len(reference):
+        parts = ([f"in {sides[1]}, not in {sides[0]}: {', '.join(missing)}"] if missing else []) + \
+                ([f"in {sides[0]}, not in {sides[1]}: {', '.join(extra)}"] if extra else [])
+        raise UserError(f"{where}: the classes differ ({'; '.join(parts) or 'a class name repeats'})")
+    return [reference.index(name) for name in names]
+
+
+def match_classes(split, classes, where):
+    """The split with its labels renumbered to `classes` (a model's class names, in its order),
+    which become its classes: the same names in another order (an ImageFolder's sorted folders
+    against a CSV's numeric_label order) give the same images the same names. A different set of
+    names is class_order's UserError."""
+    if list(split.classes) == list(classes):
+        return split
+    order = torch.tensor(class_order(split.classes, classes, where))
+    return replace(split, labels=None if split.labels is None else order[split.labels], classes=list(classes))

@@ -6,9 +6,10 @@ export.py take it like a single model and lib.checkpoint.build_from_checkpoint r
 lib.models.Ensemble (whose output is the log of the members' mean probabilities; see there why).
 Keys:
 - model, stem, classes, image_size, resize, mean, std: the same in every member (MUST_MATCH;
-  members that differ in one are refused, naming it), plus format, and task, args (the entries
-  whose values all members share: a seed run's seed and out differ) and lineage where all
-  members have the same;
+  members that differ in one are refused, naming it; classes by name: a member with the same
+  names in another order has its head's rows put in the first member's order), plus format,
+  and task, args (the entries whose values all members share: a seed run's seed and out differ)
+  and lineage where all members have the same;
 - ensemble: {"combine": COMBINE, "members": one record per member, in order: its checkpoint
   path and sha256, seed, epoch, selection (the rule that chose it, as OUT/model.pt names it),
   val metrics of that epoch and lineage};
@@ -17,10 +18,13 @@ A member must be a single model: an ensemble of ensembles is refused (give its m
 """
 from pathlib import Path
 
+import torch
+
 from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
+from lib.data import class_order
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.models import resolve_stem
+from lib.models import head_name, resolve_stem
 
 COMBINE = "mean of the members' probabilities"
 # What every member must share, (name, value): each fixes what an image means to the network or
@@ -54,6 +58,24 @@ def load_members(paths):
     return members
 
 
+def in_class_order(checkpoint, classes, where, sides):
+    """The checkpoint with its outputs in the order of `classes`, the same names as its own in any
+    order: the head's output rows (every member's, in an ensemble) are permuted, so the network
+    computes the same probabilities per class name. A different set of names is lib.data.class_order's
+    UserError (sides: what `classes` and the checkpoint are, for its message)."""
+    if list(checkpoint["classes"]) == list(classes):
+        return checkpoint
+    rows = torch.tensor(class_order(classes, checkpoint["classes"], where, sides))
+    heads = ([f"members.{i}." for i in range(len(checkpoint["ensemble"]["members"]))]
+             if is_ensemble(checkpoint) else [""])
+    state = dict(checkpoint["state_dict"])
+    for prefix in heads:
+        for key in (f"{prefix}{head_name(checkpoint['model'])}.{part}" for part in ("weight", "bias")):
+            if key in state:
+                state[key] = state[key][rows]
+    return {**checkpoint, "classes": list(classes), "state_dict": state}
+
+
 def check_compatible(paths, members):
     """Refuse, in one line naming the member and the fact, members that differ from the first."""
     for path, member in zip(paths[1:], members[1:]):
@@ -79,7 +101,11 @@ def _member_record(path, checkpoint):
 
 
 def ensemble_checkpoint(paths, members):
-    """The ensemble checkpoint of compatible member checkpoints (see the module docstring)."""
+    """The ensemble checkpoint of compatible member checkpoints (see the module docstring); a
+    member whose classes are the first's in another order is put in the first's order."""
+    members = [members[0], *(in_class_order(member, members[0]["classes"], f"member {path}",
+                                            (str(paths[0]), str(path)))
+                             for path, member in zip(paths[1:], members[1:]))]
     check_compatible(paths, members)
     first = members[0]
     checkpoint = {"format": FORMAT, **{k: first[k] for k in ("model", "classes", "image_size", "mean", "std")},

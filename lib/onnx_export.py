@@ -24,10 +24,10 @@ import onnx
 import torch
 import torch.nn as nn
 
-from lib import ensemble
+from lib import ensemble, weights
 from lib.checkpoint import FORMAT
 from lib.files import atomic_write
-from lib.data import check_labels_in_classes, load_split
+from lib.data import load_split, match_classes
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
 from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, make_session
 from lib.engine import predict_probs
@@ -69,7 +69,8 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verificatio
 
     verification_images: where the images the export is verified on come from (data, split, count).
     The stem names the exact network (lib.models.resolve_stem; a max-pool has no weights);
-    weights names the state_dict file training started from (lib.weights), null for random weights;
+    weights names the weights training started from (lib.weights.metadata: a file's path, or published
+    weights' name and URL, with the sha256), null for random weights;
     ensemble: members, their seeds and how they are combined (lib.ensemble), null for one model;
     gflop_per_image is then the sum over the members.
     """
@@ -88,8 +89,7 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verificatio
         "gflop_per_image": f"{gflop_per_image:.4f}",
         "ensemble": json.dumps(ensemble.metadata(checkpoint)),
         "source_checkpoint_sha256": checkpoint_sha256,
-        "weights": json.dumps({"path": lineage["weights"], "sha256": lineage["weights_sha256"]}
-                              if "weights" in lineage else None),
+        "weights": json.dumps(weights.metadata(lineage)),
         "opset": str(opset),
         "min_onnxruntime": RUNTIME_FOR_OPSET[opset],
         "verification_images": json.dumps(verification_images),
@@ -182,7 +182,7 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0)
                             f"or --synthetic-verify for generated images")
     part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"))
     if part.labels is not None:
-        check_labels_in_classes(part, checkpoint["classes"], f"--verify-data {data}")
+        part = match_classes(part, checkpoint["classes"], f"--verify-data {data}")
     folder = data if data == "demo" else str(Path(data).resolve())
     return part.images, part.labels, {"data": folder, "split": split, "count": len(part)}
 

@@ -141,7 +141,8 @@ def test_incompatible_members_and_ensembles_where_one_model_belongs_are_refused_
         refused = run_main("ensemble.py", _checkpoint(tmp_path / "one.pt", **one), other, "--out", tmp_path / "e.pt",
                            check=False)
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-        assert refused.stderr.startswith(f"ensemble.py: error: member {other}: its {name} is "), refused.stderr
+        expected = "the classes differ (in " if name == "classes" else f"its {name} is "
+        assert refused.stderr.startswith(f"ensemble.py: error: member {other}: {expected}"), refused.stderr
     assert not (tmp_path / "e.pt").exists()
     run_main("ensemble.py", first, _checkpoint(tmp_path / "second.pt"), "--out", tmp_path / "e.pt")
     refused = {

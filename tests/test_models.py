@@ -18,7 +18,7 @@ from lib.flops import inference_flops
 from lib.models import (MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, meta_device,
                         reference_model, replace_head, stage_names, stages)
 from lib.transfer import freeze_stages
-from lib.weights import load_weights
+from lib.weights import load_weights, open_weights
 
 # The device-sized torchvision models issue 17 names (0.04-0.26 GFLOP per 128 px image): inverted
 # residuals with hard-swish and squeeze-excitation (MobileNetV3-Small/Large), channel shuffle, MBConv
@@ -165,7 +165,7 @@ def test_weights_fill_every_tensor_but_the_head(imagenet_like_weights):
     file = torch.load(imagenet_like_weights["resnet18"], weights_only=True)
     model = build_model("resnet18", 2, 32)
     head_before = model.fc.weight.clone()
-    lineage = load_weights(model, "resnet18", imagenet_like_weights["resnet18"])
+    lineage = load_weights(model, "resnet18", open_weights("resnet18", imagenet_like_weights["resnet18"]))
     for key, value in model.state_dict().items():
         if key.startswith("fc."):
             assert value.shape[0] == 2 and file[key].shape[0] == 1000
@@ -181,9 +181,10 @@ def test_weights_that_do_not_fit_name_the_first_tensor_that_differs(imagenet_lik
     torch.save(file, tmp_path / "reshaped.pth")
     with pytest.raises(UserError, match=r"reshaped.pth: tensor layer2.0.conv1.weight has shape \[128, 64, 1, 1\] "
                                         r"in the file and \[128, 64, 3, 3\] in resnet18$"):
-        load_weights(build_model("resnet18", 2, 32), "resnet18", tmp_path / "reshaped.pth")
+        load_weights(build_model("resnet18", 2, 32), "resnet18", open_weights("resnet18", tmp_path / "reshaped.pth"))
     with pytest.raises(UserError, match=r"mobilenet_v3_small.pth: has no tensor conv1.weight .* another architecture"):
-        load_weights(build_model("resnet18", 2, 32), "resnet18", imagenet_like_weights["mobilenet_v3_small"])
+        load_weights(build_model("resnet18", 2, 32), "resnet18",
+                     open_weights("resnet18", imagenet_like_weights["mobilenet_v3_small"]))
     torch.save({"format": FORMAT, "state_dict": file}, tmp_path / "checkpoint.pt")
     torch.save(torch.nn.Linear(2, 2), tmp_path / "pickled.pth")
     result = run_main("train.py", "--data", demo_data, "--task", "target", "--model", "resnet18", "--weights",

@@ -45,11 +45,11 @@ def test_two_task_data_trains_the_source_then_transfers(pipeline):
 
 
 def test_one_task_data_trains_once_with_the_options_given(pipeline):
-    result, calls = pipeline("photos", "OUT", "--model", "mobilenet_v3_small", "--image-size", "128",
-                             "--resize", "crop")
+    result, calls = pipeline("photos", "OUT", "--model", "mobilenet_v3_small", "--weights", "DEFAULT",
+                             "--image-size", "128", "--resize", "crop")
     assert result.returncode == 0, result.stderr
     assert scripts(calls) == ["train.py", "evaluate.py", "explain.py", "export.py", "evaluate.py"]
-    assert "--model mobilenet_v3_small --image-size 128 --resize crop" in calls[0]
+    assert "--model mobilenet_v3_small --weights DEFAULT --image-size 128 --resize crop" in calls[0]
     assert "--task" not in " ".join(calls) and "--out OUT/model" in calls[0]
     assert all("--checkpoint OUT/model/model.pt" in c for c in calls[1:4])
 
@@ -70,6 +70,7 @@ def test_a_source_checkpoint_or_source_data_is_transferred_from(pipeline):
 @pytest.mark.parametrize("args, message", [
     (["--source", "a.pt", "--source-data", "other"], "give --source or --source-data, not both"),
     (["--source", "a.pt", "--model", "resnet18"], "--model: a transfer takes"),
+    (["--source", "a.pt", "--weights", "DEFAULT"], "--weights: a transfer takes the model, weights"),
     (["--epochs", "3"], "unknown option --epochs"),
     (["--model"], "--model needs a value"),
 ])
