@@ -12,7 +12,6 @@ from lib import cli, distributed, evaluation
 from lib.data import SPLITS, load_split, match_classes
 from lib.errors import UserError
 from lib.files import write_json
-from lib.plots import plot_confusion, plot_mistakes, plot_roc
 
 
 def get_args_parser():
@@ -59,6 +58,8 @@ def main(args):
     write_json(report, out / "metrics.json")
     if args.json:
         write_json(report, args.json)
+    from lib.plots import plot_confusion, plot_mistakes, plot_roc  # matplotlib: only a labelled split needs it
+
     plot_roc(labels, probs, classes, out / "roc.png")
     plot_confusion(report["confusion_matrix"], classes, out / "confusion.png")
     plot_mistakes(split.images, labels, probs, classes, split.filenames, out / "mistakes.png")

@@ -5,13 +5,14 @@ load_predictor gives one interface over a PyTorch checkpoint and an exported .on
 numpy (N, C) probabilities for uint8 (N, 3, H, W) images. Test-time augmentation (tta)
 averages the image and its horizontal mirror. Everything after that is numpy arithmetic on
 labels and probabilities (lib.metrics), identical for both kinds of model.
+
+Each predictor imports what only it needs when it is made: an .onnx model needs neither
+torchvision (whose import pulls in torch._dynamo, seconds) nor the training loop.
 """
 from pathlib import Path
 
 import numpy as np
 
-from lib.checkpoint import build_from_checkpoint, load_checkpoint
-from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.files import write_csv
 from lib.metrics import bootstrap_ci, full_report
@@ -21,6 +22,8 @@ N_RESAMPLES = 1000
 
 class TorchPredictor:
     def __init__(self, path, device):
+        from lib.checkpoint import build_from_checkpoint, load_checkpoint
+
         checkpoint = load_checkpoint(path)
         self.model = build_from_checkpoint(checkpoint, where=f"--checkpoint {path}").to(device)
         self.classes = list(checkpoint["classes"])
@@ -30,6 +33,8 @@ class TorchPredictor:
         self.mean, self.std, self.device = checkpoint["mean"], checkpoint["std"], device
 
     def predict(self, images, tta=False):
+        from lib.engine import predict_probs
+
         return predict_probs(self.model, images, self.mean, self.std, self.device, tta=tta).numpy()
 
 

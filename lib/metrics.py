@@ -12,6 +12,8 @@ from sklearn import metrics as skm
 
 from lib.errors import UserError
 
+RESAMPLE_CELLS = 2 ** 21  # resamples x images scored at once: a few (R, N) float64 arrays of 16 MiB
+
 
 def _as_numpy(labels, probs):
     return np.asarray(labels, dtype=np.int64), np.asarray(probs, dtype=np.float64)
@@ -114,22 +116,46 @@ def bootstrap_ci(labels, probs, n_resamples=1000, seed=0, level=0.95):
     AUROC is computed only on resamples that hold every class of the full split, so each one
     is the same estimator as the point estimate (an average over the same classes); the
     others are left out and counted: n_resamples_auroc says how many were used. None when
-    no resample qualifies.
+    no resample qualifies. The resamples are default_rng(seed).integers(0, N, N), drawn
+    n_resamples times; all are scored at once (resampled_auroc), in blocks of at most
+    RESAMPLE_CELLS counts to bound memory on large splits.
     """
     labels, probs = _as_numpy(labels, probs)
     rng = np.random.default_rng(seed)
     correct = probs.argmax(1) == labels
-    present = len(np.unique(labels))
+    present = np.unique(labels)
     accuracies, aurocs = [], []
-    for _ in range(n_resamples):
-        idx = rng.integers(0, len(labels), len(labels))
-        accuracies.append(correct[idx].mean())
-        if present > 1 and len(np.unique(labels[idx])) == present:
-            aurocs.append(auroc(labels[idx], probs[idx]))
+    block = max(1, RESAMPLE_CELLS // len(labels))
+    for start in range(0, n_resamples, block):
+        counts = resample_counts(rng, len(labels), min(block, n_resamples - start))
+        accuracies.append(counts @ correct / len(labels))
+        if len(present) > 1:
+            every_class = np.all([counts[:, labels == c].sum(1) > 0 for c in present], axis=0)
+            aurocs.append(resampled_auroc(labels, probs, counts[every_class]))
+    aurocs = np.concatenate(aurocs) if aurocs else np.empty(0)
     tail = (1 - level) / 2 * 100
-    return {"accuracy": [float(v) for v in np.percentile(accuracies, [tail, 100 - tail])],
-            "auroc": [float(v) for v in np.percentile(aurocs, [tail, 100 - tail])] if aurocs else None,
+    return {"accuracy": [float(v) for v in np.percentile(np.concatenate(accuracies), [tail, 100 - tail])],
+            "auroc": [float(v) for v in np.percentile(aurocs, [tail, 100 - tail])] if len(aurocs) else None,
             "level": level, "n_resamples": n_resamples, "n_resamples_auroc": len(aurocs)}
+
+
+def resample_counts(rng, n, n_resamples):
+    """(n_resamples, n) int64: how often each of n images is drawn in each bootstrap resample, the
+    resamples being rng.integers(0, n, n) drawn n_resamples times (one call draws the same stream)."""
+    drawn = rng.integers(0, n, (n_resamples, n)) + n * np.arange(n_resamples)[:, None]
+    return np.bincount(drawn.ravel(), minlength=n_resamples * n).reshape(n_resamples, n)
+
+
+def resampled_auroc(labels, probs, counts):
+    """auroc()'s estimator on every resample at once: labels (N,), probabilities (N, C), image
+    counts or weights (R, N) -> (R,). Binary: the AUROC of class 1; multi-class: the mean
+    one-vs-rest AUROC over the classes present in `labels`. nan for a resample that lacks one of
+    them. Equal to auroc(labels[idx], probs[idx]) for the resample idx (tested)."""
+    labels, probs = _as_numpy(labels, probs)
+    if probs.shape[1] == 2:
+        return weighted_auroc(labels == 1, probs[:, 1], counts)
+    probs = probs / probs.sum(axis=1, keepdims=True)  # auroc()'s normalisation
+    return np.mean([weighted_auroc(labels == c, probs[:, c], counts) for c in np.unique(labels)], axis=0)
 
 
 def weighted_auroc(positive, scores, weights):
@@ -169,13 +195,7 @@ def paired_auroc_difference(labels, probs_a, probs_b, n_resamples=1000, seed=0, 
     n = len(labels)
     counts = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=n_resamples)
     present = np.unique(labels)
-    if probs_a.shape[1] == 2:
-        columns = {1: (probs_a[:, 1], probs_b[:, 1])}
-    else:  # auroc()'s normalisation, then one-vs-rest per class present
-        probs_a, probs_b = (p / p.sum(axis=1, keepdims=True) for p in (probs_a, probs_b))
-        columns = {c: (probs_a[:, c], probs_b[:, c]) for c in present}
-    differences = np.mean([weighted_auroc(labels == c, a, counts) - weighted_auroc(labels == c, b, counts)
-                           for c, (a, b) in columns.items()], axis=0)
+    differences = resampled_auroc(labels, probs_a, counts) - resampled_auroc(labels, probs_b, counts)
     every_class = np.all([counts[:, labels == c].sum(1) > 0 for c in present], axis=0)
     used = differences[every_class]
     tail = (1 - level) / 2 * 100

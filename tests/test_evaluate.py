@@ -1,6 +1,7 @@
 """evaluate.py and lib.evaluation: metrics as scikit-learn computes them, reports, predictions, errors."""
 import csv
 import json
+import subprocess
 import sys
 import types
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from sklearn import metrics as skm
 
-from conftest import run_main, run_script
+from conftest import REPO, run_main, run_script
 from lib.data import load_split
 from lib.demo import TARGET_CLASSES
 from lib.evaluation import build_report, format_report, load_predictor
@@ -158,6 +159,58 @@ def test_auroc_interval_uses_only_resamples_of_the_same_estimator():
     assert len(kept) == used
     assert report["ci95"]["auroc"] == pytest.approx(np.percentile(kept, [2.5, 97.5]).tolist())
     assert f"{used} of 200 resamples" in format_report(report)
+
+
+def test_evaluate_imports_no_torchvision_training_loop_or_matplotlib_until_it_needs_them():
+    """An .onnx model needs no torchvision (whose import pulls in torch._dynamo, seconds), no
+    evaluation needs the training loop, and an unlabelled split makes no plots: evaluate.py
+    imports each only where it is used."""
+    heavy = ("torchvision", "torch._dynamo", "lib.engine", "matplotlib")
+    code = f"import sys, evaluate; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
+
+
+def _per_resample_reference(labels, probs, n_resamples, seed):
+    """The bootstrap as evaluate.py computed it before it was vectorised: each seeded resample
+    drawn and scored by scikit-learn in turn, AUROC only on resamples holding every class."""
+    rng, correct, present = np.random.default_rng(seed), probs.argmax(1) == labels, np.unique(labels)
+    normalised = probs / probs.sum(1, keepdims=True)
+    accuracies, aurocs = [], []
+    for _ in range(n_resamples):
+        idx = rng.integers(0, len(labels), len(labels))
+        accuracies.append(correct[idx].mean())
+        if len(np.unique(labels[idx])) < len(present):
+            continue
+        if probs.shape[1] == 2:
+            aurocs.append(skm.roc_auc_score(labels[idx], probs[idx, 1]))
+        else:
+            aurocs.append(np.mean([skm.roc_auc_score(labels[idx] == c, normalised[idx, c]) for c in present]))
+    return np.percentile(accuracies, [2.5, 97.5]), np.percentile(aurocs, [2.5, 97.5]), len(aurocs)
+
+
+@pytest.mark.parametrize("classes", [2, 4])
+def test_bootstrap_intervals_equal_scoring_each_resample_with_scikit_learn(classes, monkeypatch):
+    """bootstrap_ci scores every resample at once (the Mann-Whitney statistic on image counts);
+    its intervals are those of scoring the same seeded resamples one by one with scikit-learn,
+    with tied scores and a rare class that some resamples miss, whatever the block size; the
+    point AUROC is scikit-learn's own."""
+    from lib import metrics
+
+    labels = np.array([0] * 25 + [1] * 25 + list(range(classes)) * 3 + [classes - 1])
+    probs = np.round(_softmax_of_noisy_labels(labels, classes), 1) + 0.01  # rounded: many ties
+    reference_accuracy, reference_auroc, used = _per_resample_reference(labels, probs, 300, seed=3)
+    intervals = metrics.bootstrap_ci(labels, probs, n_resamples=300, seed=3)
+    assert intervals["accuracy"] == pytest.approx(reference_accuracy.tolist(), rel=1e-12)
+    assert intervals["auroc"] == pytest.approx(reference_auroc.tolist(), rel=1e-12)
+    assert intervals["n_resamples_auroc"] == used and (classes == 2 or used < 300)
+    monkeypatch.setattr(metrics, "RESAMPLE_CELLS", 7 * len(labels))  # blocks of 7 resamples
+    assert metrics.bootstrap_ci(labels, probs, n_resamples=300, seed=3) == intervals
+    report = build_report(labels, probs, [str(c) for c in range(classes)], n_resamples=300, seed=3)
+    assert report["ci95"] == {"accuracy": intervals["accuracy"], "auroc": intervals["auroc"]}
+    expected = (skm.roc_auc_score(labels, probs[:, 1]) if classes == 2 else
+                skm.roc_auc_score(labels, probs / probs.sum(1, keepdims=True), multi_class="ovr"))
+    assert report["auroc"] == expected
 
 
 def test_auroc_with_an_absent_class_names_its_estimator():
