@@ -15,6 +15,7 @@ loads opset 19 but has no kernel for Cast-19, so it runs opset 18 at most.
 int8 quantization is lib.quantize's.
 """
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ from lib.checkpoint import FORMAT
 from lib.files import atomic_write
 from lib.data import check_labels_in_classes, load_split
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
+from lib.images import DEFAULT_MAX_PIXELS
 from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, make_session
 from lib.engine import predict_probs
 from lib.models import resolve_stem
@@ -159,12 +161,44 @@ def generated_images(count, image_size, seed):
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), None
 
 
-def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0):
+def output_paths(out):
+    """{name: path} of the set of files an export to `out` (a .onnx path) may write: the fp32 model,
+    and beside it the int8 and optimized ones; UserError for another suffix."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise UserError(f"--out {out}: must end in .onnx")
+    return {"fp32": out, "int8": out.with_suffix(".int8.onnx"), "optimized": out.with_suffix(".optimized.onnx")}
+
+
+def install(staged, outputs):
+    """Move the staged files ({name: path}) into place at outputs[name], then remove every other
+    file of the set (output_paths), so that all a folder holds beside the fp32 model was made
+    from it: an earlier export's int8 model would pass for this one's. Returns the removed paths."""
+    for name, path in staged.items():
+        os.replace(path, outputs[name])
+    removed = [path for name, path in outputs.items() if name not in staged and path.exists()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def loading_options(checkpoint, options):
+    """load_split's keyword arguments for export.py (lib.cli.load_options of add_loading_args(...,
+    from_checkpoint=True)), completed from the run that trained the checkpoint: its images are read
+    as that run read them (--skip-bad-images, --max-image-pixels), so what it trained on exports."""
+    run = checkpoint.get("args") or {}
+    max_pixels = options["max_pixels"]
+    return {**options, "skip_bad_images": options["skip_bad_images"] or bool(run.get("skip_bad_images")),
+            "max_pixels": run.get("max_image_pixels", DEFAULT_MAX_PIXELS) if max_pixels is None else max_pixels}
+
+
+def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0, loading=None):
     """(uint8 (N, 3, H, W) images, labels or None, where they came from) to verify or calibrate on.
 
     Real images: `data`, or when None the checkpoint's own --data/--task; a folder that is not
     there is an error, never a silent switch to made-up images. synthetic=True: `count`
     generated drawings instead. Where they came from is a dict (data, split, count) for the metadata.
+    loading: load_split's keyword arguments (loading_options), None for its defaults.
     """
     if synthetic:
         # Calibration ("train") and verification draw different images.
@@ -180,7 +214,8 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0)
             where = f"its data folder {data} is not here" if data else "it names no data folder"
             raise UserError(f"nothing to verify the export on: {where}; give --verify-data DIR, "
                             f"or --synthetic-verify for generated images")
-    part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"))
+    part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"),
+                      **(loading or {}))
     if part.labels is not None:
         check_labels_in_classes(part, checkpoint["classes"], f"--verify-data {data}")
     folder = data if data == "demo" else str(Path(data).resolve())

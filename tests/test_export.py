@@ -202,6 +202,53 @@ def test_export_refuses_existing_output_and_failed_verification(cnn3_export, tar
     assert not strict.exists() and list(strict.parent.iterdir()) == [], "nothing may be left behind"
 
 
+
+def test_overwrite_replaces_the_whole_set_of_siblings(target_run, tmp_path):
+    """An earlier export of another checkpoint left an int8 and an optimized model beside OUT: an
+    export that writes neither refuses without --overwrite, and with it removes them, so nothing
+    beside the new model.onnx belongs to another model."""
+    out = tmp_path / "model.onnx"
+    siblings = [out.with_suffix(".int8.onnx"), out.with_suffix(".optimized.onnx")]
+    for path in siblings:
+        path.write_bytes(b"another checkpoint's model")
+    command = ["export.py", "--checkpoint", target_run / "best.pt", "--out", out]
+    _one_line_error(run_main(*command, check=False), str(siblings[0]), str(siblings[1]), "--overwrite")
+    assert not out.exists() and all(path.exists() for path in siblings), "a refusal writes and removes nothing"
+    result = run_main(*command, "--overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"], result.stdout
+    assert all(f"removed {path}" in result.stdout for path in siblings), result.stdout
+    assert OnnxClassifier(out).metadata["source_checkpoint_sha256"] == file_hash(target_run / "best.pt")
+
+
+def test_a_run_that_skipped_a_broken_val_image_exports(demo_data, tmp_path):
+    """Trained with --skip-bad-images on data with one broken val file, the model exports (on the
+    val images that run read), and export.py accepts every flag its loading errors name."""
+    import export
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    with open(demo_data / "landmarks.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["task"] == "target" and r["partition"] in ("train", "val")][::2]
+    with open(data / "landmarks.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        shutil.copy(demo_data / "images" / row["filename"], data / "images" / row["filename"])
+    broken = next(data / "images" / r["filename"] for r in rows if r["partition"] == "val")
+    broken.write_bytes(broken.read_bytes()[:40])
+    run_main("train.py", "--data", data, "--task", "target", "--model", "cnn3", "--epochs", "1",
+             "--skip-bad-images", "--out", tmp_path / "run")
+    result = run_main("export.py", "--checkpoint", tmp_path / "run" / "best.pt", "--out", tmp_path / "model.onnx",
+                      "--no-pixel-cache")
+    assert "skipped 1 unreadable image(s)" in result.stderr, result.stderr
+    verified = json.loads(OnnxClassifier(tmp_path / "model.onnx").metadata["verification_images"])
+    assert verified["count"] == sum(r["partition"] == "val" for r in rows) - 1
+    flags = export.get_args_parser().parse_args(["--checkpoint", "c.pt", "--out", "m.onnx", "--skip-bad-images",
+                                                 "--max-image-pixels", "0", "--pixel-cache", "cache",
+                                                 "--no-pixel-cache"])
+    assert (flags.skip_bad_images, flags.max_image_pixels, flags.no_pixel_cache) == (True, 0, True)
+
+
 def test_external_data_outside_the_model_folder_is_refused(tmp_path):
     from onnx import helper, numpy_helper
     weight = numpy_helper.from_array(np.ones((3, 3), np.float32), "w")
