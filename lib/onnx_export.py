@@ -5,9 +5,12 @@ lib.edge for the input contract), so a device feeds decoded pixels and nothing c
 The dynamo exporter writes one self-contained file (weights inside, no .data file) with a
 dynamic batch axis.
 
-Opsets and runtimes. torch 2.14's exporter writes opset 18 and up itself (17 through onnx's
-version converter) and stamps IR version 10 whatever the opset, which every onnxruntime
-before 1.18 refuses. So the model is stamped with the lowest IR version its opset needs
+Opsets and runtimes. torch 2.14's exporter writes opset 18 and up (its operator library starts
+at 18). Opset 17 is the opset-18 graph converted by onnx's version converter (downgrade), after
+rewriting what that converter cannot convert down: torch's own conversion runs before its graph
+optimiser has folded ReduceMean's axes into constants, and failed for every torchvision model
+tried (MobileNetV3, ShuffleNetV2, EfficientNet, ConvNeXt). The exporter stamps IR version 10
+whatever the opset, which every onnxruntime before 1.18 refuses. So the model is stamped with the lowest IR version its opset needs
 (onnx.helper.VERSION_TABLE), and the oldest onnxruntime that runs it goes into the metadata
 (min_onnxruntime), where predict.py checks it. The default opset is the newest one that the
 oldest onnxruntime we test can run: 1.15.1, the oldest release with a wheel for Python 3.11,
@@ -44,6 +47,7 @@ DEFAULT_OPSET = 18
 # tests/test_export.py runs predict.py under this runtime when OLD_ORT_PYTHON names one (.ci/run does).
 OLDEST_TESTED_ONNXRUNTIME = "1.15.1"
 INPUT_NAME = "pixels"
+EXPORTER_OPSET = 18  # the oldest opset torch's dynamo exporter writes without converting
 
 
 class PixelClassifier(nn.Module):
@@ -142,8 +146,10 @@ def export_onnx(network, checkpoint, metadata, out, raw_logits=False, opset=DEFA
         wrapper, (example,), input_names=[INPUT_NAME],
         output_names=["logits" if raw_logits else "probabilities"],
         dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
-        opset_version=opset, external_data=False, dynamo=True, verbose=False)
+        opset_version=max(opset, EXPORTER_OPSET), external_data=False, dynamo=True, verbose=False)
     model_proto = program.model_proto
+    if opset < EXPORTER_OPSET:
+        model_proto = downgrade(model_proto, opset)
     written = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
     if written != opset:
         raise UserError(f"--opset {opset}: the exporter could not convert the model (it wrote opset {written})")
@@ -151,6 +157,69 @@ def export_onnx(network, checkpoint, metadata, out, raw_logits=False, opset=DEFA
     set_metadata(model_proto, metadata)
     check_and_save(model_proto, out)
     return wrapper
+
+
+def downgrade(model_proto, opset):
+    """An opset-18 model at an older `opset` (17) through onnx's version converter. Two gaps of the
+    converter are filled around it: it has no adapter taking Split down from 18 (which may give
+    num_outputs instead of sizes), so each Split becomes Slices first (Slice is the same in both);
+    and it carries over attributes the older operator does not know (ReduceMean's
+    noop_with_empty_axes), which are dropped where they hold 18's default, the older behaviour.
+    Anything else it cannot convert is a UserError; export.py verifies the result numerically."""
+    model_proto = _split_as_slices(onnx.shape_inference.infer_shapes(model_proto))
+    try:
+        converted = onnx.version_converter.convert_version(model_proto, opset)
+    except Exception as error:  # the converter's C++ assertions surface as RuntimeError or ValueError
+        reason = str(error).strip().splitlines()[-1].split("failed: ")[-1] if str(error).strip() else type(error).__name__
+        raise UserError(f"--opset {opset}: onnx's version converter cannot write this model at opset {opset} "
+                        f"({reason}); --opset {EXPORTER_OPSET} needs onnxruntime "
+                        f">= {RUNTIME_FOR_OPSET[EXPORTER_OPSET]}") from None
+    for node in converted.graph.node:
+        if node.domain in ("", "ai.onnx"):
+            _drop_default_attributes(node, opset)
+    return converted
+
+
+def _drop_default_attributes(node, opset):
+    known = onnx.defs.get_schema(node.op_type, opset).attributes
+    defaults = onnx.defs.get_schema(node.op_type, EXPORTER_OPSET).attributes
+    kept = [a for a in node.attribute if a.name in known or a.name not in defaults
+            or not defaults[a.name].default_value.name
+            or onnx.helper.get_attribute_value(a) != onnx.helper.get_attribute_value(defaults[a.name].default_value)]
+    del node.attribute[:]
+    node.attribute.extend(kept)
+
+
+def _split_as_slices(model_proto):
+    """Each Split node of the graph as one Slice per output, with constant starts, ends and axes.
+    model_proto must carry inferred shapes (the split axis's length, where Split gives num_outputs)."""
+    graph = model_proto.graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.value_info, *graph.output]}
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis = attributes.get("axis", 0)
+        if len(node.input) > 1 and node.input[1]:
+            sizes = [int(v) for v in constants[node.input[1]]]
+        else:
+            length = shapes[node.input[0]][axis]
+            chunk = -(-length // len(node.output))  # Split-18: equal parts, the last one smaller
+            sizes = [min(chunk, length - i * chunk) for i in range(len(node.output))]
+        starts = np.cumsum([0, *sizes[:-1]])
+        for output, start, size in zip(node.output, starts, sizes):
+            names = [f"{output}_{part}" for part in ("starts", "ends", "axes")]
+            graph.initializer.extend(onnx.numpy_helper.from_array(np.array([value], np.int64), name)
+                                     for name, value in zip(names, (start, start + size, axis)))
+            nodes.append(onnx.helper.make_node("Slice", [node.input[0], *names], [output],
+                                               name=f"{output}_slice"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model_proto
 
 
 def generated_images(count, image_size, seed):

@@ -19,7 +19,9 @@ from lib.edge import OnnxClassifier, read_metadata
 from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.onnx_export import DEFAULT_OPSET, OLDEST_TESTED_ONNXRUNTIME, RUNTIME_FOR_OPSET, set_metadata
+from lib.models import build_model
+from lib.onnx_export import (DEFAULT_OPSET, OLDEST_TESTED_ONNXRUNTIME, RUNTIME_FOR_OPSET, downgrade, export_onnx,
+                             set_metadata)
 
 
 @pytest.fixture(scope="module")
@@ -247,6 +249,38 @@ def test_a_run_that_skipped_a_broken_val_image_exports(demo_data, tmp_path):
                                                  "--max-image-pixels", "0", "--pixel-cache", "cache",
                                                  "--no-pixel-cache"])
     assert (flags.skip_bad_images, flags.max_image_pixels, flags.no_pixel_cache) == (True, 0, True)
+
+
+
+def test_opset_17_is_written_for_a_torchvision_model(tmp_path):
+    """torch writes opset 18 and converts down before its optimiser folds ReduceMean's axes, which
+    failed for every torchvision model; ShuffleNetV2 has ReduceMean and a Split by num_outputs
+    (which onnx's converter cannot take down), so both rewrites are exercised. Opset 17 is the
+    only opset asked for, at IR version 8, and the graph computes what PyTorch does."""
+    import onnxruntime
+    torch.manual_seed(0)
+    network = build_model("shufflenet_v2_x0_5", 2, 64).eval()
+    wrapper = export_onnx(network, {"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}, {},
+                          tmp_path / "model.onnx", opset=17)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)] and model.ir_version == 8
+    assert {"ReduceMean", "Slice"} <= {node.op_type for node in model.graph.node}
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = wrapper(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(session.run(None, {"pixels": pixels})[0], expected, atol=1e-5)
+
+
+def test_a_graph_that_cannot_go_down_to_opset_17_is_one_line():
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(  # CenterCropPad is new in opset 18: nothing older computes it
+        [helper.make_node("CenterCropPad", ["x", "shape"], ["y"])], "crop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [2, 2])])
+    with pytest.raises(UserError, match=r"^--opset 17: onnx's version converter cannot write this model at opset 17 "
+                                        r"\(.+\); --opset 18 needs onnxruntime >= 1.14$"):
+        downgrade(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 17)
 
 
 def test_external_data_outside_the_model_folder_is_refused(tmp_path):
