@@ -21,6 +21,7 @@ import onnxruntime
 
 from lib import cli, ensemble
 from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
+from lib.data import SPLITS
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, benchmark_table, describe_images,
@@ -58,7 +59,7 @@ def get_args_parser():
     verification = parser.add_argument_group("verification and calibration images")
     verification.add_argument("--verify-data", default=None,
                               help="dataset to verify and calibrate on (default: the checkpoint's own --data)")
-    verification.add_argument("--verify-split", default="val",
+    verification.add_argument("--verify-split", choices=SPLITS, default="val",
                               help="split to verify on; with --quantize not train, which calibrates")
     verification.add_argument("--synthetic-verify", action="store_true",
                               help="verify and calibrate on generated drawings instead of real images")

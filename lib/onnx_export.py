@@ -277,14 +277,20 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0,
     task = checkpoint.get("task") or args.get("task")
     if data is not None and data != "demo" and not Path(data).is_dir():
         raise UserError(f"--verify-data {data}: no such folder")
+    flag = "--verify-data" if data is not None else "the checkpoint's --data"
     if data is None:
         data = args.get("data")
         if data is None or (data != "demo" and not Path(data).is_dir()):
             where = f"its data folder {data} is not here" if data else "it names no data folder"
             raise UserError(f"nothing to verify the export on: {where}; give --verify-data DIR, "
                             f"or --synthetic-verify for generated images")
-    part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"),
-                      **(loading or {}))
+    try:
+        part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"),
+                          **(loading or {}))
+    except UserError as error:  # load_split names the --data of the scripts that train
+        if not str(error).startswith("--data "):
+            raise
+        raise UserError(flag + str(error)[len("--data"):]) from None
     if part.labels is not None:
         check_labels_in_classes(part, checkpoint["classes"], f"--verify-data {data}")
     folder = data if data == "demo" else str(Path(data).resolve())

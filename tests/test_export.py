@@ -249,6 +249,12 @@ def test_a_run_that_skipped_a_broken_val_image_exports(demo_data, tmp_path):
                                                  "--max-image-pixels", "0", "--pixel-cache", "cache",
                                                  "--no-pixel-cache"])
     assert (flags.skip_bad_images, flags.max_image_pixels, flags.no_pixel_cache) == (True, 0, True)
+    (tmp_path / "empty").mkdir()
+    checkpoint = ["--checkpoint", tmp_path / "run" / "best.pt", "--out", tmp_path / "other.onnx"]
+    _one_line_error(run_main("export.py", *checkpoint, "--verify-data", tmp_path / "empty", check=False),
+                    f"export.py: error: --verify-data {tmp_path / 'empty'}: neither layout")
+    _one_line_error(run_main("export.py", *checkpoint, "--verify-split", "nope", check=False),
+                    "--verify-split: invalid choice: 'nope'")
 
 
 
