@@ -156,8 +156,9 @@ def main(args):
     stale = outputs["int8"] in removed
     for name in staged:
         print(f"{name}: {outputs[name]} ({outputs[name].stat().st_size / 1e6:.2f} MB)")
-    for path in removed:
-        print(f"removed {path}: an earlier export's, not made from this model")
+    for name, path in outputs.items():
+        if path in removed:
+            print(f"removed {path}: an earlier export's {name} model, which this export does not write")
     if args.benchmark:
         table, threads = benchmark(wrapper, {n: outputs[n] for n in staged if n != "optimized"},
                                    to_nhwc(images[:BIG_BATCH]), (1, BIG_BATCH), args.benchmark_runs)

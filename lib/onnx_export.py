@@ -10,11 +10,12 @@ at 18). Opset 17 is the opset-18 graph converted by onnx's version converter (do
 rewriting what that converter cannot convert down: torch's own conversion runs before its graph
 optimiser has folded ReduceMean's axes into constants, and failed for every torchvision model
 tried (MobileNetV3, ShuffleNetV2, EfficientNet, ConvNeXt). The exporter stamps IR version 10
-whatever the opset, which every onnxruntime before 1.18 refuses. So the model is stamped with the lowest IR version its opset needs
-(onnx.helper.VERSION_TABLE), and the oldest onnxruntime that runs it goes into the metadata
-(min_onnxruntime), where predict.py checks it. The default opset is the newest one that the
-oldest onnxruntime we test can run: 1.15.1, the oldest release with a wheel for Python 3.11,
-loads opset 19 but has no kernel for Cast-19, so it runs opset 18 at most.
+whatever the opset, which every onnxruntime before 1.18 refuses. So the model is stamped with
+the lowest IR version its opset needs (onnx.helper.VERSION_TABLE), and the oldest onnxruntime
+that runs it goes into the metadata (min_onnxruntime), where predict.py checks it. The default
+opset is the newest one that the oldest onnxruntime we test can run: 1.15.1, the oldest release
+with a wheel for Python 3.11, loads opset 19 but has no kernel for Cast-19, so it runs opset 18
+at most.
 int8 quantization is lib.quantize's.
 """
 import json
@@ -170,7 +171,8 @@ def downgrade(model_proto, opset):
     try:
         converted = onnx.version_converter.convert_version(model_proto, opset)
     except Exception as error:  # the converter's C++ assertions surface as RuntimeError or ValueError
-        reason = str(error).strip().splitlines()[-1].split("failed: ")[-1] if str(error).strip() else type(error).__name__
+        lines = str(error).strip().splitlines() or [type(error).__name__]
+        reason = lines[-1].split("failed: ")[-1]  # after the C++ source position and assertion
         raise UserError(f"--opset {opset}: onnx's version converter cannot write this model at opset {opset} "
                         f"({reason}); --opset {EXPORTER_OPSET} needs onnxruntime "
                         f">= {RUNTIME_FOR_OPSET[EXPORTER_OPSET]}") from None

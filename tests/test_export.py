@@ -282,7 +282,8 @@ def test_a_graph_that_cannot_go_down_to_opset_17_is_one_line():
     from onnx import TensorProto, helper
     graph = helper.make_graph(  # CenterCropPad is new in opset 18: nothing older computes it
         [helper.make_node("CenterCropPad", ["x", "shape"], ["y"])], "crop",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
         [helper.make_tensor("shape", TensorProto.INT64, [2], [2, 2])])
     with pytest.raises(UserError, match=r"^--opset 17: onnx's version converter cannot write this model at opset 17 "
                                         r"\(.+\); --opset 18 needs onnxruntime >= 1.14$"):

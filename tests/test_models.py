@@ -15,8 +15,8 @@ from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkp
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.models import (FAMILIES, MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, meta_device,
-                        reference_model, replace_head, stage_names, stages)
+from lib.models import (FAMILIES, MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name,
+                        meta_device, reference_model, replace_head, stage_names, stages)
 from lib.transfer import build_target, freeze_stages
 from lib.weights import load_weights
 
@@ -76,7 +76,8 @@ def test_a_replaced_head_is_rebuilt_from_its_checkpoint(name):
     checkpoint = {"model": name, "classes": list("abcde"), "image_size": SIZE, "state_dict": replaced.state_dict()}
     with meta_device():
         rebuilt = build_from_checkpoint(checkpoint)
-    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in replaced.state_dict().items()}
+    shapes = {key: value.shape for key, value in replaced.state_dict().items()}
+    assert {key: value.shape for key, value in rebuilt.state_dict().items()} == shapes
 
 
 def test_a_transferred_maxvit_round_trips_and_a_misfit_names_its_tensor(tmp_path):
