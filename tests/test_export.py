@@ -276,6 +276,14 @@ def test_opset_17_is_written_for_a_torchvision_model(tmp_path):
     with torch.inference_mode():
         expected = wrapper(torch.from_numpy(pixels)).numpy()
     np.testing.assert_allclose(session.run(None, {"pixels": pixels})[0], expected, atol=1e-5)
+    if OLD_ORT_PYTHON:  # and so does the oldest onnxruntime tested (.ci/run sets it)
+        np.save(tmp_path / "pixels.npy", pixels)
+        code = ("import sys, numpy, onnxruntime; session = onnxruntime.InferenceSession(sys.argv[1], "
+                "providers=['CPUExecutionProvider']); numpy.save(sys.argv[3], session.run(None, "
+                "{'pixels': numpy.load(sys.argv[2])})[0])")
+        subprocess.run([OLD_ORT_PYTHON, "-c", code, tmp_path / "model.onnx", tmp_path / "pixels.npy",
+                        tmp_path / "old.npy"], check=True)
+        np.testing.assert_allclose(np.load(tmp_path / "old.npy"), expected, atol=1e-5)
 
 
 def test_a_graph_that_cannot_go_down_to_opset_17_is_one_line():
