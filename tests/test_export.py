@@ -258,6 +258,17 @@ def test_a_run_that_skipped_a_broken_val_image_exports(demo_data, tmp_path):
 
 
 
+
+@pytest.mark.parametrize("script", ["train", "transfer", "crossval", "evaluate", "explain", "export"])
+def test_every_script_that_reads_a_split_accepts_the_flags_its_errors_name(script):
+    """lib.data and lib.pixel_cache's errors name these flags: a script that loads images and lacks
+    one sends its user to a flag it refuses (export.py did)."""
+    import importlib
+    parser = importlib.import_module(script).get_args_parser()
+    options = {option for action in parser._actions for option in action.option_strings}
+    assert {"--skip-bad-images", "--max-image-pixels", "--pixel-cache", "--no-pixel-cache"} <= options
+
+
 def test_opset_17_is_written_for_a_torchvision_model(tmp_path):
     """torch writes opset 18 and converts down before its optimiser folds ReduceMean's axes, which
     failed for every torchvision model; ShuffleNetV2 has ReduceMean and a Split by num_outputs
