@@ -6,10 +6,10 @@ The dynamo exporter writes one self-contained file (weights inside, no .data fil
 dynamic batch axis.
 
 Opsets and runtimes. torch 2.14's exporter writes opset 18 and up (its operator library starts
-at 18). Opset 17 is the opset-18 graph converted by onnx's version converter (downgrade), after
-rewriting what that converter cannot convert down: torch's own conversion runs before its graph
-optimiser has folded ReduceMean's axes into constants, and failed for every torchvision model
-tried (MobileNetV3, ShuffleNetV2, EfficientNet, ConvNeXt). The exporter stamps IR version 10
+at 18). Opset 17 is the opset-18 graph rewritten operator by operator (downgrade): torch's own
+conversion, onnx's version converter run before torch's optimiser has folded ReduceMean's axes
+into constants, failed for every torchvision model tried (MobileNetV3, ShuffleNetV2,
+EfficientNet, ConvNeXt). The exporter stamps IR version 10
 whatever the opset, which every onnxruntime before 1.18 refuses. So the model is stamped with
 the lowest IR version its opset needs (onnx.helper.VERSION_TABLE), and the oldest onnxruntime
 that runs it goes into the metadata (min_onnxruntime), where predict.py checks it. The default
@@ -161,35 +161,60 @@ def export_onnx(network, checkpoint, metadata, out, raw_logits=False, opset=DEFA
 
 
 def downgrade(model_proto, opset):
-    """An opset-18 model at an older `opset` (17) through onnx's version converter. Two gaps of the
-    converter are filled around it: it has no adapter taking Split down from 18 (which may give
-    num_outputs instead of sizes), so each Split becomes Slices first (Slice is the same in both);
-    and it carries over attributes the older operator does not know (ReduceMean's
-    noop_with_empty_axes), which are dropped where they hold 18's default, the older behaviour.
-    Anything else it cannot convert is a UserError; export.py verifies the result numerically."""
+    """The opset-18 graph torch writes at opset 17, operator by operator: of those opset 18
+    changed, Split becomes Slices (Slice is the same in both), the Reduce operators take their
+    constant axes input as the attribute opset 17 has, and attributes and inputs that 18 added
+    go where they hold 18's default (ReduceMean's noop_with_empty_axes=0, an absent axes input of
+    Pad), the older behaviour. Anything else (an operator new in 18, a setting 17 cannot express)
+    is a UserError naming it; export.py verifies the result numerically. onnx's own version
+    converter is not used: it has no adapter taking Split or Pad down from 18, and keeps
+    ReduceMean's noop_with_empty_axes, which the opset-17 operator does not know."""
     model_proto = _split_as_slices(onnx.shape_inference.infer_shapes(model_proto))
-    try:
-        converted = onnx.version_converter.convert_version(model_proto, opset)
-    except Exception as error:  # the converter's C++ assertions surface as RuntimeError or ValueError
-        lines = str(error).strip().splitlines() or [type(error).__name__]
-        reason = lines[-1].split("failed: ")[-1]  # after the C++ source position and assertion
-        raise UserError(f"--opset {opset}: onnx's version converter cannot write this model at opset {opset} "
-                        f"({reason}); --opset {EXPORTER_OPSET} needs onnxruntime "
-                        f">= {RUNTIME_FOR_OPSET[EXPORTER_OPSET]}") from None
-    for node in converted.graph.node:
+    graph = model_proto.graph
+    constants = _constants(graph)
+    for node in graph.node:
         if node.domain in ("", "ai.onnx"):
-            _drop_default_attributes(node, opset)
-    return converted
+            _downgrade_node(node, opset, constants)
+    for entry in model_proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    return model_proto
 
 
-def _drop_default_attributes(node, opset):
-    known = onnx.defs.get_schema(node.op_type, opset).attributes
-    defaults = onnx.defs.get_schema(node.op_type, EXPORTER_OPSET).attributes
-    kept = [a for a in node.attribute if a.name in known or a.name not in defaults
-            or not defaults[a.name].default_value.name
-            or onnx.helper.get_attribute_value(a) != onnx.helper.get_attribute_value(defaults[a.name].default_value)]
-    del node.attribute[:]
-    node.attribute.extend(kept)
+def _downgrade_node(node, opset, constants):
+    """Rewrite one node of an opset-18 graph in place for `opset`; UserError where it cannot be."""
+    def refuse(what):
+        raise UserError(f"--opset {opset}: the graph's {node.op_type} {what}, which opset {opset} cannot express; "
+                        f"--opset {EXPORTER_OPSET} needs onnxruntime >= {RUNTIME_FOR_OPSET[EXPORTER_OPSET]}")
+    try:
+        old = onnx.defs.get_schema(node.op_type, opset)
+    except onnx.defs.SchemaError:
+        refuse(f"is new in opset {EXPORTER_OPSET}")
+    new = onnx.defs.get_schema(node.op_type, EXPORTER_OPSET)
+    if old.since_version == new.since_version:
+        return
+    if "axes" in old.attributes and "axes" not in new.attributes and len(node.input) > 1 and node.input[1]:
+        if node.input[1] not in constants:
+            refuse("reduces over axes computed in the graph")
+        node.attribute.append(onnx.helper.make_attribute("axes", [int(a) for a in constants[node.input[1]]]))
+        del node.input[1:]
+    for attribute in [a for a in node.attribute if a.name not in old.attributes]:
+        default = new.attributes[attribute.name].default_value
+        if not default.name or onnx.helper.get_attribute_value(attribute) != onnx.helper.get_attribute_value(default):
+            refuse(f"sets {attribute.name}")
+        node.attribute.remove(attribute)
+    while len(node.input) > old.max_input and not node.input[-1]:
+        del node.input[-1]
+    if len(node.input) > old.max_input:
+        refuse(f"takes input {len(node.input)} (new in opset {EXPORTER_OPSET})")
+
+
+def _constants(graph):
+    """{name: numpy array} of the graph's initializers and Constant nodes' values."""
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t) for node in graph.node
+                      if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
+    return constants
 
 
 def _split_as_slices(model_proto):
@@ -198,7 +223,7 @@ def _split_as_slices(model_proto):
     graph = model_proto.graph
     shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
               for v in [*graph.input, *graph.value_info, *graph.output]}
-    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    constants = _constants(graph)
     nodes = []
     for node in graph.node:
         if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):

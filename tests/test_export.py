@@ -1,4 +1,5 @@
 """export.py and predict.py: verified ONNX export, int8, metadata, and inference without torch."""
+import copy
 import csv
 import json
 import os
@@ -297,15 +298,37 @@ def test_opset_17_is_written_for_a_torchvision_model(tmp_path):
         np.testing.assert_allclose(np.load(tmp_path / "old.npy"), expected, atol=1e-5)
 
 
-def test_a_graph_that_cannot_go_down_to_opset_17_is_one_line():
+def test_opset_17_rewrites_what_opset_18_changed_and_refuses_what_it_added():
+    """Pad (Swin), ReduceMean with its axes as an input, Split by num_outputs: the opset-17 graph
+    passes the full ONNX check and computes what the opset-18 one does; an operator new in 18
+    is one line."""
+    import onnxruntime
     from onnx import TensorProto, helper
-    graph = helper.make_graph(  # CenterCropPad is new in opset 18: nothing older computes it
+    constants = [helper.make_tensor("pads", TensorProto.INT64, [4], [0, 1, 0, 1]),
+                 helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["padded"]),
+         helper.make_node("ReduceMean", ["padded", "axes"], ["mean"], keepdims=1, noop_with_empty_axes=0),
+         helper.make_node("Split", ["padded"], ["left", "right"], axis=1, num_outputs=2)],
+        "padded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("mean", "left", "right")],
+        constants)
+    newer = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    older = downgrade(copy.deepcopy(newer), 17)
+    onnx.checker.check_model(older, full_check=True)
+    assert [(o.domain, o.version) for o in older.opset_import] == [("", 17)]
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    sessions = [onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (newer, older)]
+    for new, old in zip(*(session.run(None, {"x": x}) for session in sessions)):
+        np.testing.assert_array_equal(new, old)
+    graph = helper.make_graph(
         [helper.make_node("CenterCropPad", ["x", "shape"], ["y"])], "crop",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
         [helper.make_tensor("shape", TensorProto.INT64, [2], [2, 2])])
-    with pytest.raises(UserError, match=r"^--opset 17: onnx's version converter cannot write this model at opset 17 "
-                                        r"\(.+\); --opset 18 needs onnxruntime >= 1.14$"):
+    with pytest.raises(UserError, match=r"^--opset 17: the graph's CenterCropPad is new in opset 18, which opset 17 "
+                                        r"cannot express; --opset 18 needs onnxruntime >= 1.14$"):
         downgrade(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 17)
 
 
