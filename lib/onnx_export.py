@@ -175,6 +175,11 @@ def downgrade(model_proto, opset):
     for node in graph.node:
         if node.domain in ("", "ai.onnx"):
             _downgrade_node(node, opset, constants)
+    # The axes (and split sizes) now in attributes: onnxruntime warns about initializers nothing reads.
+    used = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
     for entry in model_proto.opset_import:
         if entry.domain in ("", "ai.onnx"):
             entry.version = opset
