@@ -6,13 +6,13 @@ An ensemble checkpoint (transfer.py --seeds, ensemble.py) becomes one graph that
 member and outputs the mean of their probabilities.
 The model is checked against PyTorch on real images at batch 1 and 64 before it is written:
 a probability differing by more than --tolerance exits non-zero and writes nothing.
-With --quantize int8 also writes OUT's name with .int8.onnx, with --optimize .optimized.onnx;
+With --quantize int8 also writes OUT's name with .int8.onnx, with --optimize .optimized.onnx
+(--overwrite replaces the whole set: a sibling this export does not write is removed);
 the int8 model is written only if it passes its gate (lib.int8_gate), trying more precise
 recipes (lib.quantize.recipes_to_try) before giving up.
 """
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -21,11 +21,12 @@ import onnxruntime
 
 from lib import cli, ensemble
 from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
+from lib.data import SPLITS
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, benchmark_table, describe_images,
-                             export_onnx, model_metadata, optimize_for_runtime, reference_images, stamp_metadata,
-                             to_nhwc, verification_table, verify)
+                             export_onnx, install, loading_options, model_metadata, optimize_for_runtime,
+                             output_paths, reference_images, stamp_metadata, to_nhwc, verification_table, verify)
 from lib.int8_gate import Gate
 from lib.quantize import CALIBRATION_METHODS, DEFAULT_TARGET, TARGETS, calibration_set, quantize_gated, recipes_to_try
 
@@ -58,12 +59,13 @@ def get_args_parser():
     verification = parser.add_argument_group("verification and calibration images")
     verification.add_argument("--verify-data", default=None,
                               help="dataset to verify and calibrate on (default: the checkpoint's own --data)")
-    verification.add_argument("--verify-split", default="val",
+    verification.add_argument("--verify-split", choices=SPLITS, default="val",
                               help="split to verify on; with --quantize not train, which calibrates")
     verification.add_argument("--synthetic-verify", action="store_true",
                               help="verify and calibrate on generated drawings instead of real images")
     verification.add_argument("--tolerance", type=cli.positive_float, default=1e-4,
                               help="largest allowed absolute difference of a probability from PyTorch's")
+    cli.add_loading_args(verification, from_checkpoint=True)
     int8 = parser.add_argument_group("int8")
     int8.add_argument("--quantize", choices=["int8"], default=None,
                       help="also write a static int8 (QDQ) model calibrated on training images")
@@ -97,23 +99,14 @@ def get_args_parser():
     return parser
 
 
-def planned_outputs(out, quantize, optimize):
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise UserError(f"--out {out}: must end in .onnx")
-    outputs = {"fp32": out}
-    if quantize:
-        outputs["int8"] = out.with_suffix(".int8.onnx")
-    if optimize:
-        outputs["optimized"] = out.with_suffix(".optimized.onnx")
-    return outputs
-
-
 def main(args):
-    outputs = planned_outputs(args.out, args.quantize, args.optimize)
+    outputs = output_paths(args.out)
+    written = [name for name, wanted in (("fp32", True), ("int8", args.quantize), ("optimized", args.optimize))
+               if wanted]
     existing = [str(p) for p in outputs.values() if p.exists()]
     if existing and not args.overwrite:
-        raise UserError(f"--out: {', '.join(existing)} already exist(s); use --overwrite to replace")
+        raise UserError(f"--out: {', '.join(existing)} already exist(s); use --overwrite to replace them "
+                        f"(an export replaces the set: OUT and its .int8.onnx and .optimized.onnx)")
     if args.synthetic_verify and args.verify_data:
         raise UserError("--verify-data and --synthetic-verify: give one or the other")
     if args.quantize and args.verify_split == "train":
@@ -121,13 +114,15 @@ def main(args):
                         "calibration images would flatter the int8 model; verify on another split (default val)")
     checkpoint = load_checkpoint(args.checkpoint)
     network = build_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}")
-    images, labels, source = reference_images(checkpoint, args.verify_data, args.verify_split, args.synthetic_verify)
+    loading = loading_options(checkpoint, cli.load_options(args))
+    images, labels, source = reference_images(checkpoint, args.verify_data, args.verify_split, args.synthetic_verify,
+                                              loading=loading)
     gflop = ensemble.gflop_per_image(checkpoint, network)
     metadata = model_metadata(checkpoint, file_hash(args.checkpoint), args.raw_logits, args.opset, source, gflop)
     outputs["fp32"].parent.mkdir(parents=True, exist_ok=True)
     # Everything is written beside OUT first and moved into place only once verified.
     with tempfile.TemporaryDirectory(dir=outputs["fp32"].parent, prefix=".export.") as scratch:
-        staged = {name: Path(scratch) / path.name for name, path in outputs.items()}
+        staged = {name: Path(scratch) / outputs[name].name for name in written}
         wrapper = export_onnx(network, checkpoint, metadata, staged["fp32"], args.raw_logits, args.opset)
         print(f"exported {ensemble.describe(checkpoint)} ({metadata['stem']} stem, {ensemble.cost(checkpoint, gflop)}; "
               f"opset {args.opset}, onnxruntime >= {RUNTIME_FOR_OPSET[args.opset]}, input uint8 "
@@ -147,7 +142,7 @@ def main(args):
             raise UserError(f"verification failed, nothing written: {worst} (--tolerance {args.tolerance:g})")
         if args.quantize:
             pixels, calibrated_on = calibration_set(checkpoint, args.verify_data, args.synthetic_verify,
-                                                    args.calibration_images, args.seed)
+                                                    args.calibration_images, args.seed, loading)
             gate = Gate(args.min_confident_agreement, args.confident_above, args.max_accuracy_loss,
                         args.max_auroc_loss, args.gate_level, seed=args.seed)
             kept, attempts = quantize_gated(staged["fp32"], staged["int8"], pixels,
@@ -156,14 +151,14 @@ def main(args):
                                             {"calibration_images": json.dumps(calibrated_on)}, BIG_BATCH)
             if kept is None:
                 del staged["int8"]
-        for name, path in staged.items():
-            os.replace(path, outputs[name])
+        removed = install(staged, outputs)
     refused = args.quantize and "int8" not in staged
-    stale = refused and outputs["int8"].exists()
-    if stale:  # an earlier run's int8 model beside the new fp32 one would pass for its quantized version
-        outputs["int8"].unlink()
+    stale = outputs["int8"] in removed
     for name in staged:
         print(f"{name}: {outputs[name]} ({outputs[name].stat().st_size / 1e6:.2f} MB)")
+    for name, path in outputs.items():
+        if path in removed:
+            print(f"removed {path}: an earlier export's {name} model, which this export does not write")
     if args.benchmark:
         table, threads = benchmark(wrapper, {n: outputs[n] for n in staged if n != "optimized"},
                                    to_nhwc(images[:BIG_BATCH]), (1, BIG_BATCH), args.benchmark_runs)
@@ -174,8 +169,6 @@ def main(args):
               f"the verified fp32 model is written: {outputs['fp32']}", file=sys.stderr)
         return INT8_REFUSED
     return 0
-
-
 
 
 if __name__ == "__main__":

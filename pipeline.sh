@@ -2,6 +2,7 @@
 # The whole job as a user types it: training (and transfer), evaluation, explanation, export.
 # Usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR] [--model NAME]
 #                         [--weights NAME|FILE] [--image-size N] [--resize squash|crop|pad]
+#                         [--skip-bad-images]
 #   DATA: the dataset to end up with a model for, or "demo" for the built-in one.
 #   - DATA in the CSV layout with a source and a target task (the reference landmarks, demo):
 #     train.py on the source task, then transfer.py onto the target task.
@@ -10,6 +11,7 @@
 #   - --source-data DIR: train.py on DIR (its source task if it has one), then transfer.py onto DATA.
 #   --model, --weights, --image-size and --resize go to train.py (a transfer takes them from its
 #   source); --weights DEFAULT starts from torchvision's published weights for --model.
+#   --skip-bad-images goes to every step: unreadable images are left out with a warning.
 # Environment: PYTHON, the interpreter (default: python); AMP, the --amp of train.py and
 # transfer.py (default: auto; AMP=off trains in float32 on any CPU); SEED, the --seed of train.py,
 # transfer.py and export.py (default: 0).
@@ -20,7 +22,7 @@
 set -euo pipefail
 usage() {
   echo "usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR] [--model NAME]" \
-       "[--weights NAME|FILE] [--image-size N] [--resize squash|crop|pad]" >&2
+       "[--weights NAME|FILE] [--image-size N] [--resize squash|crop|pad] [--skip-bad-images]" >&2
   [ $# -eq 0 ] || echo "pipeline.sh: error: $*" >&2
   exit 2
 }
@@ -28,8 +30,13 @@ usage() {
 data=$1
 out=$2
 shift 2
-source_checkpoint="" source_data="" train_options=()
+source_checkpoint="" source_data="" train_options=() load_options=()
 while [ $# -gt 0 ]; do
+  if [ "$1" = --skip-bad-images ]; then
+    load_options=(--skip-bad-images)
+    shift
+    continue
+  fi
   [ $# -ge 2 ] || usage "$1 needs a value"
   case $1 in
     --source) source_checkpoint=$2 ;;
@@ -64,25 +71,27 @@ if [ -n "$source_checkpoint" ]; then
 elif [ -n "$source_data" ] || has_tasks "$data"; then
   # shellcheck disable=SC2046  # task_of gives two words or none
   step train.py --data "${source_data:-$data}" $(task_of "${source_data:-$data}" source) "${train_options[@]}" \
-    --amp "$amp" --seed "$seed" --out "$out/source"
+    "${load_options[@]}" --amp "$amp" --seed "$seed" --out "$out/source"
   source_model=$out/source/model.pt
 fi
 task=$(task_of "$data" target)
 if [ -n "${source_model:-}" ]; then
   model_dir=$out/target
   # shellcheck disable=SC2086
-  step transfer.py --source "$source_model" --data "$data" $task --amp "$amp" --seed "$seed" --out "$model_dir"
+  step transfer.py --source "$source_model" --data "$data" $task "${load_options[@]}" --amp "$amp" --seed "$seed" \
+    --out "$model_dir"
 else
   model_dir=$out/model
-  step train.py --data "$data" "${train_options[@]}" --amp "$amp" --seed "$seed" --out "$model_dir"
+  step train.py --data "$data" "${train_options[@]}" "${load_options[@]}" --amp "$amp" --seed "$seed" --out "$model_dir"
 fi
 model=$model_dir/model.pt
 # shellcheck disable=SC2086
-step evaluate.py --checkpoint "$model" --data "$data" $task --split val --out "$model_dir/eval"
+step evaluate.py --checkpoint "$model" --data "$data" $task --split val "${load_options[@]}" --out "$model_dir/eval"
 # shellcheck disable=SC2086
-step explain.py --checkpoint "$model" --data "$data" $task --split val --out "$model_dir/cam"
+step explain.py --checkpoint "$model" --data "$data" $task --split val "${load_options[@]}" --out "$model_dir/cam"
 exported=0
-step export.py --checkpoint "$model" --out "$model_dir/model.onnx" --quantize int8 --seed "$seed" || exported=$?
+step export.py --checkpoint "$model" --out "$model_dir/model.onnx" --quantize int8 --seed "$seed" \
+  "${load_options[@]}" || exported=$?
 if [ "$exported" -eq 3 ]; then
   echo "pipeline.sh: warning: no int8 model: export.py's gate refused every int8 recipe (figures above);" \
        "the verified fp32 model is $model_dir/model.onnx; skipping the int8 evaluation" >&2
@@ -91,7 +100,7 @@ elif [ "$exported" -ne 0 ]; then
 else
   # shellcheck disable=SC2086
   step evaluate.py --checkpoint "$model_dir/model.int8.onnx" --data "$data" $task --split val \
-    --out "$model_dir/eval-int8"
+    "${load_options[@]}" --out "$model_dir/eval-int8"
 fi
 echo "done in $SECONDS s: $model_dir"
 exit "$exported"

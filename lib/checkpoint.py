@@ -95,9 +95,15 @@ def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
         try:
             model.load_state_dict(checkpoint["state_dict"])
         except RuntimeError as error:
-            raise UserError(f"{where}: weights do not fit model {name!r} "
-                            f"({str(error).splitlines()[0]})") from None
+            raise UserError(f"{where}: weights do not fit model {name!r} ({_state_dict_mismatch(error)})") from None
     return model.eval()
+
+
+def _state_dict_mismatch(error, limit=300):
+    """load_state_dict's RuntimeError in one line: its reasons, which name the tensors (its first
+    line, "Error(s) in loading state_dict for ...", names none), cut at `limit` characters."""
+    reasons = "; ".join(line.strip() for line in str(error).splitlines()[1:] if line.strip()) or str(error)
+    return reasons if len(reasons) <= limit else reasons[:limit] + "..."
 
 
 def data_location(data):

@@ -89,8 +89,6 @@ def add_data_args(parser, image_size=True, data_required=True, size_from_weights
     """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
     data_required=False for scripts that can read image files instead; size_from_weights: the
     --image-size default is None, for the script to choose (train.py: published weights' size)."""
-    from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
-
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=data_required,
                        help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
@@ -106,15 +104,26 @@ def add_data_args(parser, image_size=True, data_required=True, size_from_weights
                            help="how a photo that is not square becomes one: squash (resize, aspect ignored), "
                                 "crop (centre crop of the short side) or pad (letterbox, black bars); kept in "
                                 "the checkpoint and the ONNX model, so every later step does the same")
+    add_loading_args(group)
+    return group
+
+
+def add_loading_args(group, from_checkpoint=False):
+    """How images are read (load_options): --skip-bad-images, --max-image-pixels, --pixel-cache,
+    --no-pixel-cache. from_checkpoint (export.py, which reads the images a checkpoint's run read):
+    images are skipped too when that run skipped them, and --max-image-pixels defaults (None) to its."""
+    from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
+
     group.add_argument("--skip-bad-images", action="store_true",
-                       help="warn about and skip unreadable images instead of stopping")
-    add_max_pixels_arg(group, DEFAULT_MAX_PIXELS)
+                       help="warn about and skip unreadable images instead of stopping"
+                            + ("; on too when the checkpoint's run skipped them" if from_checkpoint else ""))
+    add_max_pixels_arg(group, None if from_checkpoint else DEFAULT_MAX_PIXELS,
+                       "; None: the checkpoint's run's" if from_checkpoint else "")
     group.add_argument("--pixel-cache", metavar="DIR", default=str(default_folder()),
                        help="folder of decoded pixels, decoded once and memory-mapped by every later run "
                             "($XDG_CACHE_HOME/landmark-classification/pixels; ~/.cache/... without XDG_CACHE_HOME)")
     group.add_argument("--no-pixel-cache", action="store_true",
                        help="decode every time and keep nothing (decoding goes to a temporary file in $TMPDIR)")
-    return group
 
 
 def data_name(data, task):
@@ -122,10 +131,10 @@ def data_name(data, task):
     return f"{data}, task {task}" if task else str(data)
 
 
-def add_max_pixels_arg(group, default):
+def add_max_pixels_arg(group, default, more_help=""):
     group.add_argument("--max-image-pixels", type=non_negative_int, default=default, metavar="N",
                        help="refuse (or with --skip-bad-images skip) images of more than N pixels, which "
-                            "may be decompression bombs (Pillow's limit); 0 allows any size")
+                            "may be decompression bombs (Pillow's limit); 0 allows any size" + more_help)
 
 
 def load_options(args):

@@ -414,13 +414,16 @@ def head_name(name):
 
 
 def replace_head(model, name, num_classes):
-    """A fresh classifier for another task's classes, keeping everything before it (timm's reset_classifier)."""
+    """A fresh classifier for another task's classes, keeping everything before it (timm's reset_classifier)
+    and whether the old one had a bias (MaxViT's has none): the rebuilt network's state_dict must
+    hold the same tensors."""
     path = head_name(name)
     old = model.get_submodule(path)
+    bias = old.bias is not None
     if isinstance(old, nn.Conv2d):
-        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size)
+        new = nn.Conv2d(old.in_channels, num_classes, old.kernel_size, bias=bias)
     else:
-        new = nn.Linear(old.in_features, num_classes)
+        new = nn.Linear(old.in_features, num_classes, bias=bias)
     model.set_submodule(path, new.to(old.weight.device))
     return model
 

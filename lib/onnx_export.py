@@ -5,16 +5,21 @@ lib.edge for the input contract), so a device feeds decoded pixels and nothing c
 The dynamo exporter writes one self-contained file (weights inside, no .data file) with a
 dynamic batch axis.
 
-Opsets and runtimes. torch 2.14's exporter writes opset 18 and up itself (17 through onnx's
-version converter) and stamps IR version 10 whatever the opset, which every onnxruntime
-before 1.18 refuses. So the model is stamped with the lowest IR version its opset needs
-(onnx.helper.VERSION_TABLE), and the oldest onnxruntime that runs it goes into the metadata
-(min_onnxruntime), where predict.py checks it. The default opset is the newest one that the
-oldest onnxruntime we test can run: 1.15.1, the oldest release with a wheel for Python 3.11,
-loads opset 19 but has no kernel for Cast-19, so it runs opset 18 at most.
+Opsets and runtimes. torch 2.14's exporter writes opset 18 and up (its operator library starts
+at 18). Opset 17 is the opset-18 graph rewritten operator by operator (downgrade): torch's own
+conversion, onnx's version converter run before torch's optimiser has folded ReduceMean's axes
+into constants, failed for every torchvision model tried (MobileNetV3, ShuffleNetV2,
+EfficientNet, ConvNeXt). The exporter stamps IR version 10
+whatever the opset, which every onnxruntime before 1.18 refuses. So the model is stamped with
+the lowest IR version its opset needs (onnx.helper.VERSION_TABLE), and the oldest onnxruntime
+that runs it goes into the metadata (min_onnxruntime), where predict.py checks it. The default
+opset is the newest one that the oldest onnxruntime we test can run: 1.15.1, the oldest release
+with a wheel for Python 3.11, loads opset 19 but has no kernel for Cast-19, so it runs opset 18
+at most.
 int8 quantization is lib.quantize's.
 """
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -29,6 +34,7 @@ from lib.checkpoint import FORMAT
 from lib.files import atomic_write
 from lib.data import load_split, match_classes
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
+from lib.images import DEFAULT_MAX_PIXELS
 from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, make_session
 from lib.engine import predict_probs
 from lib.models import resolve_stem
@@ -42,6 +48,7 @@ DEFAULT_OPSET = 18
 # tests/test_export.py runs predict.py under this runtime when OLD_ORT_PYTHON names one (.ci/run does).
 OLDEST_TESTED_ONNXRUNTIME = "1.15.1"
 INPUT_NAME = "pixels"
+EXPORTER_OPSET = 18  # the oldest opset torch's dynamo exporter writes without converting
 
 
 class PixelClassifier(nn.Module):
@@ -140,8 +147,10 @@ def export_onnx(network, checkpoint, metadata, out, raw_logits=False, opset=DEFA
         wrapper, (example,), input_names=[INPUT_NAME],
         output_names=["logits" if raw_logits else "probabilities"],
         dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch")}},
-        opset_version=opset, external_data=False, dynamo=True, verbose=False)
+        opset_version=max(opset, EXPORTER_OPSET), external_data=False, dynamo=True, verbose=False)
     model_proto = program.model_proto
+    if opset < EXPORTER_OPSET:
+        model_proto = downgrade(model_proto, opset)
     written = next(o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx"))
     if written != opset:
         raise UserError(f"--opset {opset}: the exporter could not convert the model (it wrote opset {written})")
@@ -149,6 +158,100 @@ def export_onnx(network, checkpoint, metadata, out, raw_logits=False, opset=DEFA
     set_metadata(model_proto, metadata)
     check_and_save(model_proto, out)
     return wrapper
+
+
+def downgrade(model_proto, opset):
+    """The opset-18 graph torch writes at opset 17, operator by operator: of those opset 18
+    changed, Split becomes Slices (Slice is the same in both), the Reduce operators take their
+    constant axes input as the attribute opset 17 has, and attributes and inputs that 18 added
+    go where they hold 18's default (ReduceMean's noop_with_empty_axes=0, an absent axes input of
+    Pad), the older behaviour. Anything else (an operator new in 18, a setting 17 cannot express)
+    is a UserError naming it; export.py verifies the result numerically. onnx's own version
+    converter is not used: it has no adapter taking Split or Pad down from 18, and keeps
+    ReduceMean's noop_with_empty_axes, which the opset-17 operator does not know."""
+    model_proto = _split_as_slices(onnx.shape_inference.infer_shapes(model_proto))
+    graph = model_proto.graph
+    constants = _constants(graph)
+    for node in graph.node:
+        if node.domain in ("", "ai.onnx"):
+            _downgrade_node(node, opset, constants)
+    # The axes (and split sizes) now in attributes: onnxruntime warns about initializers nothing reads.
+    used = {name for node in graph.node for name in node.input} | {output.name for output in graph.output}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for entry in model_proto.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = opset
+    return model_proto
+
+
+def _downgrade_node(node, opset, constants):
+    """Rewrite one node of an opset-18 graph in place for `opset`; UserError where it cannot be."""
+    def refuse(what):
+        raise UserError(f"--opset {opset}: the graph's {node.op_type} {what}, which opset {opset} cannot express; "
+                        f"--opset {EXPORTER_OPSET} needs onnxruntime >= {RUNTIME_FOR_OPSET[EXPORTER_OPSET]}")
+    try:
+        old = onnx.defs.get_schema(node.op_type, opset)
+    except onnx.defs.SchemaError:
+        refuse(f"is new in opset {EXPORTER_OPSET}")
+    new = onnx.defs.get_schema(node.op_type, EXPORTER_OPSET)
+    if old.since_version == new.since_version:
+        return
+    if "axes" in old.attributes and "axes" not in new.attributes and len(node.input) > 1 and node.input[1]:
+        if node.input[1] not in constants:
+            refuse("reduces over axes computed in the graph")
+        node.attribute.append(onnx.helper.make_attribute("axes", [int(a) for a in constants[node.input[1]]]))
+        del node.input[1:]
+    for attribute in [a for a in node.attribute if a.name not in old.attributes]:
+        default = new.attributes[attribute.name].default_value
+        if not default.name or onnx.helper.get_attribute_value(attribute) != onnx.helper.get_attribute_value(default):
+            refuse(f"sets {attribute.name}")
+        node.attribute.remove(attribute)
+    while len(node.input) > old.max_input and not node.input[-1]:
+        del node.input[-1]
+    if len(node.input) > old.max_input:
+        refuse(f"takes input {len(node.input)} (new in opset {EXPORTER_OPSET})")
+
+
+def _constants(graph):
+    """{name: numpy array} of the graph's initializers and Constant nodes' values."""
+    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    constants.update({node.output[0]: onnx.numpy_helper.to_array(node.attribute[0].t) for node in graph.node
+                      if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value"})
+    return constants
+
+
+def _split_as_slices(model_proto):
+    """Each Split node of the graph as one Slice per output, with constant starts, ends and axes.
+    model_proto must carry inferred shapes (the split axis's length, where Split gives num_outputs)."""
+    graph = model_proto.graph
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+              for v in [*graph.input, *graph.value_info, *graph.output]}
+    constants = _constants(graph)
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "Split" or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axis = attributes.get("axis", 0)
+        if len(node.input) > 1 and node.input[1]:
+            sizes = [int(v) for v in constants[node.input[1]]]
+        else:
+            length = shapes[node.input[0]][axis]
+            chunk = -(-length // len(node.output))  # Split-18: equal parts, the last one smaller
+            sizes = [min(chunk, length - i * chunk) for i in range(len(node.output))]
+        starts = np.cumsum([0, *sizes[:-1]])
+        for output, start, size in zip(node.output, starts, sizes):
+            names = [f"{output}_{part}" for part in ("starts", "ends", "axes")]
+            graph.initializer.extend(onnx.numpy_helper.from_array(np.array([value], np.int64), name)
+                                     for name, value in zip(names, (start, start + size, axis)))
+            nodes.append(onnx.helper.make_node("Slice", [node.input[0], *names], [output],
+                                               name=f"{output}_slice"))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return model_proto
 
 
 def generated_images(count, image_size, seed):
@@ -159,12 +262,44 @@ def generated_images(count, image_size, seed):
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), None
 
 
-def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0):
+def output_paths(out):
+    """{name: path} of the set of files an export to `out` (a .onnx path) may write: the fp32 model,
+    and beside it the int8 and optimized ones; UserError for another suffix."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise UserError(f"--out {out}: must end in .onnx")
+    return {"fp32": out, "int8": out.with_suffix(".int8.onnx"), "optimized": out.with_suffix(".optimized.onnx")}
+
+
+def install(staged, outputs):
+    """Move the staged files ({name: path}) into place at outputs[name], then remove every other
+    file of the set (output_paths), so that all a folder holds beside the fp32 model was made
+    from it: an earlier export's int8 model would pass for this one's. Returns the removed paths."""
+    for name, path in staged.items():
+        os.replace(path, outputs[name])
+    removed = [path for name, path in outputs.items() if name not in staged and path.exists()]
+    for path in removed:
+        path.unlink()
+    return removed
+
+
+def loading_options(checkpoint, options):
+    """load_split's keyword arguments for export.py (lib.cli.load_options of add_loading_args(...,
+    from_checkpoint=True)), completed from the run that trained the checkpoint: its images are read
+    as that run read them (--skip-bad-images, --max-image-pixels), so what it trained on exports."""
+    run = checkpoint.get("args") or {}
+    max_pixels = options["max_pixels"]
+    return {**options, "skip_bad_images": options["skip_bad_images"] or bool(run.get("skip_bad_images")),
+            "max_pixels": run.get("max_image_pixels", DEFAULT_MAX_PIXELS) if max_pixels is None else max_pixels}
+
+
+def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0, loading=None):
     """(uint8 (N, 3, H, W) images, labels or None, where they came from) to verify or calibrate on.
 
     Real images: `data`, or when None the checkpoint's own --data/--task; a folder that is not
     there is an error, never a silent switch to made-up images. synthetic=True: `count`
     generated drawings instead. Where they came from is a dict (data, split, count) for the metadata.
+    loading: load_split's keyword arguments (loading_options), None for its defaults.
     """
     if synthetic:
         # Calibration ("train") and verification draw different images.
@@ -174,13 +309,20 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0)
     task = checkpoint.get("task") or args.get("task")
     if data is not None and data != "demo" and not Path(data).is_dir():
         raise UserError(f"--verify-data {data}: no such folder")
+    flag = "--verify-data" if data is not None else "the checkpoint's --data"
     if data is None:
         data = args.get("data")
         if data is None or (data != "demo" and not Path(data).is_dir()):
             where = f"its data folder {data} is not here" if data else "it names no data folder"
             raise UserError(f"nothing to verify the export on: {where}; give --verify-data DIR, "
                             f"or --synthetic-verify for generated images")
-    part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"))
+    try:
+        part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"),
+                          **(loading or {}))
+    except UserError as error:  # load_split names the --data of the scripts that train
+        if not str(error).startswith("--data "):
+            raise
+        raise UserError(flag + str(error)[len("--data"):]) from None
     if part.labels is not None:
         part = match_classes(part, checkpoint["classes"], f"--verify-data {data}")
     folder = data if data == "demo" else str(Path(data).resolve())

@@ -170,10 +170,12 @@ def fused_convolutions(path, config=None):
     return fused, fused + sum(op in ("Conv", "FusedConv", "NhwcFusedConv") for op in ops)
 
 
-def calibration_set(checkpoint, data, synthetic, count, seed):
+def calibration_set(checkpoint, data, synthetic, count, seed, loading=None):
     """(uint8 (count, H, W, 3) pixels, where they came from): a seeded sample of the training split
-    of `data` (None: the checkpoint's own), or generated drawings when `synthetic`."""
-    images, labels, source = reference_images(checkpoint, data, "train", synthetic, count=count, seed=seed)
+    of `data` (None: the checkpoint's own), or generated drawings when `synthetic`; loading:
+    load_split's keyword arguments (lib.onnx_export.loading_options)."""
+    images, labels, source = reference_images(checkpoint, data, "train", synthetic, count=count, seed=seed,
+                                              loading=loading)
     chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
     counts = class_counts(None if labels is None else labels[chosen], checkpoint["classes"])
     balance = ", ".join(f"{name} {n}" for name, n in counts.items()) if counts else "unlabelled"

@@ -1,4 +1,5 @@
 """export.py and predict.py: verified ONNX export, int8, metadata, and inference without torch."""
+import copy
 import csv
 import json
 import os
@@ -19,7 +20,9 @@ from lib.edge import OnnxClassifier, read_metadata
 from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.onnx_export import DEFAULT_OPSET, OLDEST_TESTED_ONNXRUNTIME, RUNTIME_FOR_OPSET, set_metadata
+from lib.models import build_model
+from lib.onnx_export import (DEFAULT_OPSET, OLDEST_TESTED_ONNXRUNTIME, RUNTIME_FOR_OPSET, downgrade, export_onnx,
+                             set_metadata)
 
 
 @pytest.fixture(scope="module")
@@ -200,6 +203,134 @@ def test_export_refuses_existing_output_and_failed_verification(cnn3_export, tar
         export.main(export.get_args_parser().parse_args(arguments + ["--synthetic-verify"]))
     assert "verifying on 64 generated drawings (--synthetic-verify)" in capsys.readouterr().out
     assert not strict.exists() and list(strict.parent.iterdir()) == [], "nothing may be left behind"
+
+
+
+def test_overwrite_replaces_the_whole_set_of_siblings(target_run, tmp_path):
+    """An earlier export of another checkpoint left an int8 and an optimized model beside OUT: an
+    export that writes neither refuses without --overwrite, and with it removes them, so nothing
+    beside the new model.onnx belongs to another model."""
+    out = tmp_path / "model.onnx"
+    siblings = [out.with_suffix(".int8.onnx"), out.with_suffix(".optimized.onnx")]
+    for path in siblings:
+        path.write_bytes(b"another checkpoint's model")
+    command = ["export.py", "--checkpoint", target_run / "best.pt", "--out", out]
+    _one_line_error(run_main(*command, check=False), str(siblings[0]), str(siblings[1]), "--overwrite")
+    assert not out.exists() and all(path.exists() for path in siblings), "a refusal writes and removes nothing"
+    result = run_main(*command, "--overwrite")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx"], result.stdout
+    assert all(f"removed {path}" in result.stdout for path in siblings), result.stdout
+    assert OnnxClassifier(out).metadata["source_checkpoint_sha256"] == file_hash(target_run / "best.pt")
+
+
+def test_a_run_that_skipped_a_broken_val_image_exports(demo_data, tmp_path):
+    """Trained with --skip-bad-images on data with one broken val file, the model exports (on the
+    val images that run read), and export.py accepts every flag its loading errors name."""
+    import export
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    with open(demo_data / "landmarks.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["task"] == "target" and r["partition"] in ("train", "val")][::2]
+    with open(data / "landmarks.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    for row in rows:
+        shutil.copy(demo_data / "images" / row["filename"], data / "images" / row["filename"])
+    broken = next(data / "images" / r["filename"] for r in rows if r["partition"] == "val")
+    broken.write_bytes(broken.read_bytes()[:40])
+    run_main("train.py", "--data", data, "--task", "target", "--model", "cnn3", "--epochs", "1",
+             "--skip-bad-images", "--out", tmp_path / "run")
+    result = run_main("export.py", "--checkpoint", tmp_path / "run" / "best.pt", "--out", tmp_path / "model.onnx",
+                      "--no-pixel-cache")
+    assert "skipped 1 unreadable image(s)" in result.stderr, result.stderr
+    verified = json.loads(OnnxClassifier(tmp_path / "model.onnx").metadata["verification_images"])
+    assert verified["count"] == sum(r["partition"] == "val" for r in rows) - 1
+    flags = export.get_args_parser().parse_args(["--checkpoint", "c.pt", "--out", "m.onnx", "--skip-bad-images",
+                                                 "--max-image-pixels", "0", "--pixel-cache", "cache",
+                                                 "--no-pixel-cache"])
+    assert (flags.skip_bad_images, flags.max_image_pixels, flags.no_pixel_cache) == (True, 0, True)
+    (tmp_path / "empty").mkdir()
+    checkpoint = ["--checkpoint", tmp_path / "run" / "best.pt", "--out", tmp_path / "other.onnx"]
+    _one_line_error(run_main("export.py", *checkpoint, "--verify-data", tmp_path / "empty", check=False),
+                    f"export.py: error: --verify-data {tmp_path / 'empty'}: neither layout")
+    _one_line_error(run_main("export.py", *checkpoint, "--verify-split", "nope", check=False),
+                    "--verify-split: invalid choice: 'nope'")
+
+
+
+
+@pytest.mark.parametrize("script", ["train", "transfer", "crossval", "evaluate", "explain", "export"])
+def test_every_script_that_reads_a_split_accepts_the_flags_its_errors_name(script):
+    """lib.data and lib.pixel_cache's errors name these flags: a script that loads images and lacks
+    one sends its user to a flag it refuses (export.py did)."""
+    import importlib
+    parser = importlib.import_module(script).get_args_parser()
+    options = {option for action in parser._actions for option in action.option_strings}
+    assert {"--skip-bad-images", "--max-image-pixels", "--pixel-cache", "--no-pixel-cache"} <= options
+
+
+def test_opset_17_is_written_for_a_torchvision_model(tmp_path):
+    """torch writes opset 18 and converts down before its optimiser folds ReduceMean's axes, which
+    failed for every torchvision model; ShuffleNetV2 has ReduceMean and a Split by num_outputs
+    (which onnx's converter cannot take down), so both rewrites are exercised. Opset 17 is the
+    only opset asked for, at IR version 8, and the graph computes what PyTorch does."""
+    import onnxruntime
+    torch.manual_seed(0)
+    network = build_model("shufflenet_v2_x0_5", 2, 64).eval()
+    wrapper = export_onnx(network, {"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}, {},
+                          tmp_path / "model.onnx", opset=17)
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    assert [(o.domain, o.version) for o in model.opset_import] == [("", 17)] and model.ir_version == 8
+    assert {"ReduceMean", "Slice"} <= {node.op_type for node in model.graph.node}
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.inference_mode():
+        expected = wrapper(torch.from_numpy(pixels)).numpy()
+    np.testing.assert_allclose(session.run(None, {"pixels": pixels})[0], expected, atol=1e-5)
+    if OLD_ORT_PYTHON:  # and so does the oldest onnxruntime tested (.ci/run sets it)
+        np.save(tmp_path / "pixels.npy", pixels)
+        code = ("import sys, numpy, onnxruntime; session = onnxruntime.InferenceSession(sys.argv[1], "
+                "providers=['CPUExecutionProvider']); numpy.save(sys.argv[3], session.run(None, "
+                "{'pixels': numpy.load(sys.argv[2])})[0])")
+        subprocess.run([OLD_ORT_PYTHON, "-c", code, tmp_path / "model.onnx", tmp_path / "pixels.npy",
+                        tmp_path / "old.npy"], check=True)
+        np.testing.assert_allclose(np.load(tmp_path / "old.npy"), expected, atol=1e-5)
+
+
+def test_opset_17_rewrites_what_opset_18_changed_and_refuses_what_it_added():
+    """Pad (Swin), ReduceMean with its axes as an input, Split by num_outputs: the opset-17 graph
+    passes the full ONNX check and computes what the opset-18 one does; an operator new in 18
+    is one line."""
+    import onnxruntime
+    from onnx import TensorProto, helper
+    constants = [helper.make_tensor("pads", TensorProto.INT64, [4], [0, 1, 0, 1]),
+                 helper.make_tensor("axes", TensorProto.INT64, [1], [1])]
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["x", "pads"], ["padded"]),
+         helper.make_node("ReduceMean", ["padded", "axes"], ["mean"], keepdims=1, noop_with_empty_axes=0),
+         helper.make_node("Split", ["padded"], ["left", "right"], axis=1, num_outputs=2)],
+        "padded", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 4])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("mean", "left", "right")],
+        constants)
+    newer = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    older = downgrade(copy.deepcopy(newer), 17)
+    onnx.checker.check_model(older, full_check=True)
+    assert [(o.domain, o.version) for o in older.opset_import] == [("", 17)]
+    assert "axes" not in {t.name for t in older.graph.initializer}, "the axes, now an attribute, are not left over"
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    sessions = [onnxruntime.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+                for m in (newer, older)]
+    for new, old in zip(*(session.run(None, {"x": x}) for session in sessions)):
+        np.testing.assert_array_equal(new, old)
+    graph = helper.make_graph(
+        [helper.make_node("CenterCropPad", ["x", "shape"], ["y"])], "crop",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor("shape", TensorProto.INT64, [2], [2, 2])])
+    with pytest.raises(UserError, match=r"^--opset 17: the graph's CenterCropPad is new in opset 18, which opset 17 "
+                                        r"cannot express; --opset 18 needs onnxruntime >= 1.14$"):
+        downgrade(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), 17)
 
 
 def test_external_data_outside_the_model_folder_is_refused(tmp_path):

@@ -11,13 +11,13 @@ import torchvision
 
 from conftest import run_main
 from lib import cam
-from lib.checkpoint import FORMAT, file_hash, load_checkpoint
+from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
 from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.models import (MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name, meta_device,
-                        reference_model, replace_head, stage_names, stages)
-from lib.transfer import freeze_stages
+from lib.models import (FAMILIES, MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name,
+                        meta_device, reference_model, replace_head, stage_names, stages)
+from lib.transfer import build_target, freeze_stages
 from lib.weights import load_weights, open_weights
 
 # The device-sized torchvision models issue 17 names (0.04-0.26 GFLOP per 128 px image): inverted
@@ -65,6 +65,32 @@ def test_every_model_builds_runs_and_names_its_stages_head_and_cam_layer(name):
     every = [p for group in owners for p in group] + sorted(head)
     assert sorted(every) == sorted(n for n, _ in model.named_parameters()), "a parameter in no or two places"
     assert all(set().union(*(_parameter_names(model, d) for d in stage)) for stage in names), "a stage without weights"
+
+
+
+@pytest.mark.parametrize("name", [family.names[0] for family in FAMILIES])
+def test_a_replaced_head_is_rebuilt_from_its_checkpoint(name):
+    """What transfer.py saves after replace_head, evaluate/explain/export rebuild from the checkpoint:
+    the same tensors in every family (MaxViT's head has no bias); on the meta device, at 224 px."""
+    replaced = replace_head(copy.deepcopy(reference_model(name)), name, 5)
+    checkpoint = {"model": name, "classes": list("abcde"), "image_size": SIZE, "state_dict": replaced.state_dict()}
+    with meta_device():
+        rebuilt = build_from_checkpoint(checkpoint)
+    shapes = {key: value.shape for key, value in replaced.state_dict().items()}
+    assert {key: value.shape for key, value in rebuilt.state_dict().items()} == shapes
+
+
+def test_a_transferred_maxvit_round_trips_and_a_misfit_names_its_tensor(tmp_path):
+    source = {"format": FORMAT, "model": "maxvit_t", "classes": ["a", "b", "c"], "image_size": SIZE,
+              "mean": [0.5] * 3, "std": [0.25] * 3, "state_dict": build_model("maxvit_t", 3, SIZE).state_dict()}
+    target, _ = build_target(source, "source.pt", 2, 0, seed=0)
+    save_checkpoint({**source, "classes": ["x", "y"], "state_dict": target.state_dict()}, tmp_path / "target.pt")
+    rebuilt = build_from_checkpoint(load_checkpoint(tmp_path / "target.pt"))
+    assert all(torch.equal(value, target.state_dict()[key]) for key, value in rebuilt.state_dict().items())
+    extra = {**source, "state_dict": {**source["state_dict"], "classifier.5.bias": torch.zeros(3)}}
+    with pytest.raises(UserError, match=r"weights do not fit model 'maxvit_t' \(Unexpected key\(s\) in state_dict: "
+                                        r"\"classifier.5.bias\""):
+        build_from_checkpoint(extra, "checkpoint extra.pt")
 
 
 def _one_line_error(result, *needles):

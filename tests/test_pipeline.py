@@ -67,6 +67,14 @@ def test_a_source_checkpoint_or_source_data_is_transferred_from(pipeline):
     assert "--task source" in calls[0] and "--task" not in calls[1], calls
 
 
+def test_skip_bad_images_goes_to_every_step(pipeline):
+    result, calls = pipeline("tasks", "OUT", "--skip-bad-images", "--model", "resnet18")
+    assert result.returncode == 0, result.stderr
+    assert len(calls) == 6 and all("--skip-bad-images" in call for call in calls), calls
+    result, calls = pipeline("photos", "OUT")
+    assert not any("--skip-bad-images" in call for call in calls), calls
+
+
 @pytest.mark.parametrize("args, message", [
     (["--source", "a.pt", "--source-data", "other"], "give --source or --source-data, not both"),
     (["--source", "a.pt", "--model", "resnet18"], "--model: a transfer takes"),
