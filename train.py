@@ -49,7 +49,7 @@ def main(args):
         raise UserError("--mean and --std: give both (the statistics the weights were trained with) or neither")
     device = distributed.pick_device(args.device)
     distributed.setup(device)
-    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    out = cli.prepare_out_dir(args.out, cli.RUN_OUTPUTS, overwrite=args.overwrite, resume=args.resume)
     train = load_split(args.data, "train", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
     val = load_split(args.data, "val", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
     mean, std = (args.mean, args.std) if args.mean else (train.mean, train.std)

@@ -32,7 +32,20 @@ TRAINING_KEYS = ("history", "training")
 
 
 def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    atomic_write(path, lambda tmp: _save(checkpoint, tmp))
+
+
+def _save(checkpoint, tmp):
+    # Through a Python file, so that a failed write (a full disk) is an OSError, which atomic_write
+    # reports in one line: torch.save to a path reports it as an opaque RuntimeError, and closing
+    # its zip writer after a failed write hides the OSError behind another RuntimeError.
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(checkpoint, f)
+        except RuntimeError as error:
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
 
 
 def load_checkpoint(path):

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lib.errors import UserError
-from lib.files import remove_stale_temporaries
+from lib.files import DISK_FULL, failure_reason, remove_stale_temporaries
 from lib.images import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
 
 
@@ -183,9 +183,14 @@ def add_training_args(parser, defaults):
     return group
 
 
-def prepare_out_dir(out, overwrite=False, resume=False, markers=("last.pt", "best.pt")):
-    """Create the output folder; refuse one that holds an earlier run unless told what to do.
-    Temporary files that a killed write left in it are removed."""
+# What a training run writes into its folder (fit's checkpoints and metrics, the scripts' curves).
+RUN_OUTPUTS = ("model.pt", "best.pt", "last.pt", "metrics.csv", "curves.png")
+
+
+def prepare_out_dir(out, outputs, overwrite=False, resume=False):
+    """Create the output folder; refuse one that holds any of `outputs` (names or glob patterns
+    of what this run writes there) unless told what to do. Temporary files that a killed write
+    left in it are removed. Raises UserError for a folder that cannot be created."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
@@ -193,15 +198,34 @@ def prepare_out_dir(out, overwrite=False, resume=False, markers=("last.pt", "bes
         if not (out / "last.pt").is_file():
             raise UserError(f"--resume: no {out / 'last.pt'} to resume from")
     else:
-        existing = [m for m in markers if (out / m).exists()]
+        existing = existing_outputs(out, outputs)
         if existing and not overwrite:
             raise UserError(f"--out {out}: already holds {', '.join(existing)}; "
                             "use --resume to continue or --overwrite to replace it")
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "--out")
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"removed {len(removed)} temporary file(s) an interrupted write left in {out}: {', '.join(removed)}")
     return out
+
+
+def existing_outputs(out, outputs):
+    """The names in folder `out` that match any of `outputs` (names or glob patterns), sorted."""
+    if not Path(out).is_dir():
+        return []
+    return sorted({path.name for pattern in outputs for path in Path(out).glob(pattern)})
+
+
+def make_folder(folder, flag):
+    """mkdir -p, with the reason it cannot be made (a path through a file, no permission, a full
+    disk) as a UserError naming `flag`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
+        raise UserError(f"{flag} {folder}: cannot create this folder ({reason})") from None
 
 
 def plain_args(args):
@@ -210,13 +234,20 @@ def plain_args(args):
 
 
 def run(main, parser):
-    """Parse, run, and turn a UserError into `prog: error: message` with exit code 2.
-    A main that returns a number exits with it (export.py's 3: written, but not everything)."""
+    """Parse, run, and turn a UserError (or the OSError of a full disk) into `prog: error: message`
+    with exit code 2. A main that returns a number exits with it (export.py's 3: written, but not everything)."""
     args = parser.parse_args()
     try:
         status = main(args)
     except UserError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        # Writes that bypass atomic_write (a library's own files, the pixel cache) on a full disk.
+        if error.errno not in DISK_FULL:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{parser.prog}: error: {where}{failure_reason(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

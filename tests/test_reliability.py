@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, SCRIPT_ENV, float32_args, run_main, run_script
 from lib.checkpoint import FORMAT, load_checkpoint, without_training_state
-from lib.cli import prepare_out_dir
+from lib.cli import RUN_OUTPUTS, prepare_out_dir
 from lib.data import load_split
 from lib.demo import CSV_COLUMNS
 from lib.evaluation import load_predictor
@@ -379,12 +379,12 @@ def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(tmp_path
     not_ours = [out / "notes.tmp", out / ".notes.tmp", out / "last.pt.tmp", out / ".last.pt.toolongname.tmp"]
     for path in not_ours:
         path.write_text("the user's")
-    prepare_out_dir(out, resume=False, markers=("best.pt",))
+    prepare_out_dir(out, ("best.pt",), resume=False)
     assert not left.exists() and not stale.exists()
     assert all(path.exists() for path in not_ours), "only atomic_write's own temporary names are removed"
 
     def write_while_a_run_starts(tmp):
-        assert prepare_out_dir(out, overwrite=True) == out and Path(tmp).exists()
+        assert prepare_out_dir(out, RUN_OUTPUTS, overwrite=True) == out and Path(tmp).exists()
         Path(tmp).write_text("new")
 
     atomic_write(out / "metrics.csv", write_while_a_run_starts)
