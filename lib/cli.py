@@ -66,8 +66,6 @@ def unit_interval(text):
 def add_data_args(parser, image_size=True, data_required=True):
     """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
     data_required=False for scripts that can read image files instead."""
-    from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
-
     group = parser.add_argument_group("data")
     group.add_argument("--data", required=data_required,
                        help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
@@ -83,9 +81,10 @@ def add_data_args(parser, image_size=True, data_required=True):
     group.add_argument("--skip-bad-images", action="store_true",
                        help="warn about and skip unreadable images instead of stopping")
     add_max_pixels_arg(group, DEFAULT_MAX_PIXELS)
-    group.add_argument("--pixel-cache", metavar="DIR", default=str(default_folder()),
+    group.add_argument("--pixel-cache", metavar="DIR",
                        help="folder of decoded pixels, decoded once and memory-mapped by every later run "
-                            "($XDG_CACHE_HOME/landmark-classification/pixels; ~/.cache/... without XDG_CACHE_HOME)")
+                            "(None: $XDG_CACHE_HOME/landmark-classification/pixels; ~/.cache/... without "
+                            "XDG_CACHE_HOME; a folder in $TMPDIR, with a warning, without a home folder)")
     group.add_argument("--no-pixel-cache", action="store_true",
                        help="decode every time and keep nothing (decoding goes to a temporary file in $TMPDIR)")
     return group
@@ -104,8 +103,10 @@ def add_max_pixels_arg(group, default):
 
 def load_options(args):
     """load_split's keyword arguments from the data flags (add_data_args)."""
+    from lib.pixel_cache import DEFAULT  # not at the top: predict.py needs neither it nor tqdm
+
     return {"skip_bad_images": args.skip_bad_images, "max_pixels": args.max_image_pixels,
-            "cache_dir": None if args.no_pixel_cache else args.pixel_cache}
+            "cache_dir": None if args.no_pixel_cache else args.pixel_cache or DEFAULT}
 
 
 def add_run_args(parser, out_help, seed_help="seed for weights, shuffling and augmentation"):

@@ -8,10 +8,12 @@ locked (flock), so a run starting in the same folder never removes a file still 
 import csv
 import errno
 import fcntl
+import functools
 import io
 import json
 import os
 import re
+import sys
 import tempfile
 from pathlib import Path
 
@@ -62,6 +64,30 @@ def _replace_atomically(path, write):
         raise
     finally:
         os.close(fd)
+
+
+@functools.cache
+def cache_folder():
+    """This toolkit's cache folder: $XDG_CACHE_HOME/landmark-classification, or
+    ~/.cache/landmark-classification without XDG_CACHE_HOME. Where there is no home folder either
+    (a container run as a user id without a passwd entry and without HOME), a folder of this
+    user's in the temporary folder, with a warning. Computed when first needed, never at import.
+    Raises UserError when that temporary folder belongs to another user."""
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg:
+        return Path(xdg) / "landmark-classification"
+    try:
+        return Path.home() / ".cache" / "landmark-classification"
+    except RuntimeError:  # Path.home(): neither HOME nor a passwd entry
+        pass
+    folder = Path(tempfile.gettempdir()) / f"landmark-classification-cache-{os.getuid()}"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.stat().st_uid != os.getuid():
+        raise UserError(f"{folder}: the cache folder of a user without a home folder belongs to another user; "
+                        "set XDG_CACHE_HOME (or HOME) to a folder of yours")
+    print(f"warning: no home folder (HOME unset, no passwd entry for user id {os.getuid()}) and no "
+          f"XDG_CACHE_HOME: caching in {folder}", file=sys.stderr)
+    return folder
 
 
 def remove_stale_temporaries(folder):
