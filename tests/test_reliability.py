@@ -107,6 +107,18 @@ def test_bad_image_is_named(demo_data, tmp_path, damage):
         assert "skipped 1 unreadable image" in skipped.stderr
 
 
+def test_explain_skips_bad_image_files_when_asked(target_run, demo_data, tmp_path):
+    good = sorted((demo_data / "images").glob("*.png"))[:2]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(good[0].read_bytes()[:100])
+    args = ["--checkpoint", target_run / "model.pt", "--images", good[0], bad, good[1]]
+    assert_clean_error(run_main("explain.py", *args, "--out", tmp_path / "stop", check=False),
+                       "broken.png", "--skip-bad-images")
+    result = run_main("explain.py", *args, "--skip-bad-images", "--out", tmp_path / "skip")
+    assert "skipped" in result.stderr and "broken.png" in result.stderr
+    assert len(list((tmp_path / "skip" / "images").glob("*.png"))) == 2
+
+
 @pytest.mark.parametrize("name", ["../escape.png", "/etc/passwd"])
 def test_filename_escaping_images_folder(demo_data, tmp_path, name):
     def escape(rows):
