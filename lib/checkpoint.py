@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from lib.demo import demo_root
 from lib.errors import UserError
 from lib.files import atomic_write
 from lib.models import MODELS, Ensemble, build_model, stems_of
@@ -111,8 +112,11 @@ def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
 
 
 def data_location(data):
-    """--data as a comparable value: 'demo', or the folder's resolved path."""
-    return data if data in (None, "demo") else str(Path(data).resolve())
+    """--data as a comparable value: the folder's resolved real path, the demo dataset's folder for
+    'demo' (however --data was written, the same folder is the same value); None for None."""
+    if data is None:
+        return None
+    return str(Path(demo_root() if str(data) == "demo" else data).resolve())
 
 
 def training_state(model, ema, optimizer, scheduler, scaler, selector, best_val_probs):
