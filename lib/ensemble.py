@@ -41,12 +41,18 @@ def is_ensemble(checkpoint):
 
 
 def load_members(paths):
-    """The member checkpoints, each checked to rebuild; a UserError names the file at fault."""
+    """The member checkpoints, each checked to rebuild; a UserError names the file at fault. The
+    same checkpoint twice (one file, or copies of one: the same sha256) is refused."""
     if len(paths) < 2:
         raise UserError(f"an ensemble needs two or more checkpoints, got {len(paths)}")
-    members = []
+    members, seen = [], {}
     for path in paths:
         checkpoint = load_checkpoint(path)
+        digest = file_hash(path)
+        if digest in seen:
+            raise UserError(f"member {path}: is the same checkpoint as {seen[digest]} (same contents); an "
+                            "ensemble of copies is one model")
+        seen[digest] = path
         if is_ensemble(checkpoint):
             raise UserError(f"member {path}: is itself an ensemble; give its members' checkpoints instead")
         build_from_checkpoint(checkpoint, where=f"member {path}")
