@@ -4,6 +4,7 @@ Output rule, the same for every script: an output that already exists is refused
 --overwrite is given (train.py and transfer.py also accept --resume to continue a run).
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -204,6 +205,8 @@ def prepare_out_dir(out, outputs, overwrite=False, resume=False):
             raise UserError(f"--out {out}: already holds {', '.join(existing)}; "
                             "use --resume to continue or --overwrite to replace it")
         make_folder(out, "--out")
+    if not os.access(out, os.W_OK | os.X_OK):  # now, not after an epoch of training
+        raise UserError(f"--out {out}: no permission to write in this folder")
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"removed {len(removed)} temporary file(s) an interrupted write left in {out}: {', '.join(removed)}")
