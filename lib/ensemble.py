@@ -13,9 +13,13 @@ Keys:
   path and sha256, seed, epoch, selection (the rule that chose it, as OUT/model.pt names it),
   val metrics of that epoch and lineage};
 - state_dict: the Ensemble's, every member's weights under `members.I.`.
-A member must be a single model: an ensemble of ensembles is refused (give its members).
+A member must be a single model: an ensemble of ensembles is refused (give its members), and so is
+one model twice (members with the same weights).
 """
+import hashlib
 from pathlib import Path
+
+import torch
 
 from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
 from lib.errors import UserError
@@ -41,23 +45,38 @@ def is_ensemble(checkpoint):
 
 
 def load_members(paths):
-    """The member checkpoints, each checked to rebuild; a UserError names the file at fault. The
-    same checkpoint twice (one file, or copies of one: the same sha256) is refused."""
+    """The member checkpoints, each checked to rebuild; a UserError names the file at fault."""
     if len(paths) < 2:
         raise UserError(f"an ensemble needs two or more checkpoints, got {len(paths)}")
-    members, seen = [], {}
+    members = []
     for path in paths:
         checkpoint = load_checkpoint(path)
-        digest = file_hash(path)
-        if digest in seen:
-            raise UserError(f"member {path}: is the same checkpoint as {seen[digest]} (same contents); an "
-                            "ensemble of copies is one model")
-        seen[digest] = path
         if is_ensemble(checkpoint):
             raise UserError(f"member {path}: is itself an ensemble; give its members' checkpoints instead")
         build_from_checkpoint(checkpoint, where=f"member {path}")
         members.append(checkpoint)
     return members
+
+
+def weights_digest(state_dict):
+    """sha256 of a state_dict's names and tensor bytes: equal for the same weights in any file."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_distinct(paths, members):
+    """Refuse the same model twice (one file, a copy, or a run's model.pt and best.pt: the same
+    weights), in one line naming both files."""
+    seen = {}
+    for path, member in zip(paths, members):
+        digest = weights_digest(member["state_dict"])
+        if digest in seen:
+            raise UserError(f"member {path}: has the same weights as {seen[digest]}; an ensemble of one model "
+                            "twice is that model")
+        seen[digest] = path
 
 
 def check_compatible(paths, members):
@@ -87,6 +106,7 @@ def _member_record(path, checkpoint):
 def ensemble_checkpoint(paths, members):
     """The ensemble checkpoint of compatible member checkpoints (see the module docstring)."""
     check_compatible(paths, members)
+    check_distinct(paths, members)
     first = members[0]
     checkpoint = {"format": FORMAT, **{k: first[k] for k in ("model", "classes", "image_size", "mean", "std")},
                   "stem": resolve_stem(first["model"], first["image_size"], first.get("stem")), "resize": first.get("resize", "squash")}

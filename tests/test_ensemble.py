@@ -158,14 +158,16 @@ def test_incompatible_members_and_ensembles_where_one_model_belongs_are_refused_
 
 
 def test_the_same_member_twice_is_refused_in_one_line(tmp_path):
-    """`ensemble.py a.pt a.pt` (or a.pt and a copy of it) is one model dressed as two."""
+    """`ensemble.py a.pt a.pt` (a link to it, a copy, or another file of the same weights, as a
+    run's model.pt and best.pt) is one model dressed as two."""
     first = _checkpoint(tmp_path / "first.pt")
-    copy_of_first, link = tmp_path / "copy.pt", tmp_path / "link.pt"
+    copy_of_first, link, renamed = tmp_path / "copy.pt", tmp_path / "link.pt", tmp_path / "model.pt"
     copy_of_first.write_bytes(first.read_bytes())
     link.symlink_to(first)
-    for twin in (first, link, copy_of_first):
+    save_checkpoint({**load_checkpoint(first), "selection": "best by accuracy"}, renamed)
+    for twin in (first, link, copy_of_first, renamed):
         refused = run_main("ensemble.py", first, _checkpoint(tmp_path / "second.pt", seed=1), twin,
                            "--out", tmp_path / "e.pt", check=False)
         assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
-        assert f"member {twin}: is the same checkpoint as {first}" in refused.stderr, refused.stderr
+        assert f"member {twin}: has the same weights as {first}" in refused.stderr, refused.stderr
     assert not (tmp_path / "e.pt").exists()
