@@ -66,7 +66,6 @@ def _replace_atomically(path, write):
         os.close(fd)
 
 
-@functools.cache
 def cache_folder():
     """This toolkit's cache folder: $XDG_CACHE_HOME/landmark-classification, or
     ~/.cache/landmark-classification without XDG_CACHE_HOME. Where there is no home folder either
@@ -79,7 +78,11 @@ def cache_folder():
     try:
         return Path.home() / ".cache" / "landmark-classification"
     except RuntimeError:  # Path.home(): neither HOME nor a passwd entry
-        pass
+        return _private_temporary_cache()
+
+
+@functools.cache  # one warning per process
+def _private_temporary_cache():
     folder = Path(tempfile.gettempdir()) / f"landmark-classification-cache-{os.getuid()}"
     folder.mkdir(mode=0o700, exist_ok=True)
     if folder.stat().st_uid != os.getuid():
