@@ -37,8 +37,8 @@ def main(args):
     source = transfer.load_source(args.source)
     crossval.check_source(source, args.source, args.task, args.data)
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
-    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite or args.resume,
-                              markers=("crossval.csv", "crossval.json"))
+    out = cli.prepare_out_dir(args.out, ("crossval.csv", "crossval.json", "fold-*"),
+                              overwrite=args.overwrite or args.resume)
     labelled = crossval.pool(*(load_split(args.data, split, args.task, source["image_size"],
                                           resize=source.get("resize", "squash"), **cli.load_options(args))
                                for split in ("train", "val")))
@@ -60,7 +60,7 @@ def main(args):
             print(f"fold {fold}/{args.folds}: finished earlier, kept ({path})")
             continue
         inner_train, val = crossval.inner_split(train, args.inner_val, args.fold_seed) if nested else (train, heldout)
-        run_dir = cli.prepare_out_dir(out / f"fold-{fold}", overwrite=True)
+        run_dir = cli.prepare_out_dir(out / f"fold-{fold}", cli.RUN_OUTPUTS, overwrite=True)
         records.append(crossval.run_fold(fold, inner_train, val, heldout, source=source, source_path=args.source,
                                          k=k, describe=describe, recipe=recipe, out=run_dir, device=device,
                                          seed=args.seed, settings=settings))

@@ -25,7 +25,7 @@ def main(args):
         raise UserError(f"--out {args.out}: already exists; use --overwrite to replace it")
     if args.out.resolve() in [path.resolve() for path in args.members]:
         raise UserError(f"--out {args.out}: is one of the members")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    cli.make_folder(args.out.parent, "--out")
     checkpoint, network = ensemble.write_ensemble(args.members, args.out)
     print(ensemble.summary(args.out, checkpoint, network))
 

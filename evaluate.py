@@ -13,6 +13,8 @@ from lib.data import SPLITS, load_split, match_classes
 from lib.errors import UserError
 from lib.files import write_json
 
+OUTPUTS = ("metrics.json", "predictions.csv", "roc.png", "confusion.png", "mistakes.png")
+
 
 def get_args_parser():
     parser = cli.make_parser(__doc__)
@@ -32,9 +34,11 @@ def get_args_parser():
 
 def main(args):
     device = distributed.pick_device(args.device)
-    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("metrics.json", "predictions.csv"))
+    out = cli.prepare_out_dir(args.out, OUTPUTS, overwrite=args.overwrite)
     if args.json and args.json.exists() and not args.overwrite:
         raise UserError(f"--json {args.json}: already exists; use --overwrite to replace it")
+    if args.json:
+        cli.make_folder(args.json.parent, "--json")
     predictor = evaluation.load_predictor(args.checkpoint, device)
     task = args.task or predictor.task
     split = load_split(args.data, args.split, task, predictor.image_size, resize=predictor.resize,

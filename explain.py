@@ -15,6 +15,8 @@ from lib.ensemble import in_class_order
 from lib.errors import UserError
 from lib.files import write_json
 
+OUTPUTS = ("grid.png", "images", "cam_stats.json")
+
 
 def get_args_parser():
     parser = cli.make_parser(__doc__)
@@ -58,7 +60,7 @@ def main(args):
             raise UserError(f"--compare {path}: its image size or resize policy differs from {paths[0]}'s, "
                             "so the same images cannot be explained by both")
     device = distributed.pick_device(args.device)
-    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, markers=("cam_stats.json", "grid.png"))
+    out = cli.prepare_out_dir(args.out, OUTPUTS, overwrite=args.overwrite)
     split = cam.load_images(args.images, args.data, args.task, args.split, args.num_images, args.seed,
                             first["image_size"], first["classes"], first.get("resize", "squash"),
                             **cli.load_options(args))

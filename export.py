@@ -119,7 +119,7 @@ def main(args):
                                               loading=loading)
     gflop = ensemble.gflop_per_image(checkpoint, network)
     metadata = model_metadata(checkpoint, file_hash(args.checkpoint), args.raw_logits, args.opset, source, gflop)
-    outputs["fp32"].parent.mkdir(parents=True, exist_ok=True)
+    cli.make_folder(outputs["fp32"].parent, "--out")
     # Everything is written beside OUT first and moved into place only once verified.
     with tempfile.TemporaryDirectory(dir=outputs["fp32"].parent, prefix=".export.") as scratch:
         staged = {name: Path(scratch) / outputs[name].name for name in written}

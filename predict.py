@@ -5,7 +5,8 @@ Example: python predict.py runs/target/model.onnx photo.jpg more_photos/ --top-k
 Class names, image size and resize policy come from the model's metadata; each image is turned
 upright as its EXIF orientation says and made square as in training (lib.images). Prints one line
 per image (file, then label and probability, best first) or --json. Folders are searched
-recursively for files with an extension Pillow reads (the others are counted in a warning).
+recursively for files with an extension Pillow reads (the others are counted in a warning;
+hidden files and folders, such as .ipynb_checkpoints/, are left out).
 An unreadable image stops the run with one line naming it, unless --skip-bad-images (then a
 warning, and with --json an entry {"file", "error"} in its place).
 A model needing a newer onnxruntime than the installed one (its min_onnxruntime) is refused.
@@ -49,12 +50,13 @@ def get_args_parser():
 
 
 def image_paths(inputs):
-    """The files named, and the image files in the folders named (recursively, hidden ones left out)."""
+    """The files named, and the image files in the folders named (recursively; hidden files and
+    everything in hidden folders left out)."""
     paths, other = [], 0
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
             found = [p for p in files if is_image_name(p)]
             other += len(files) - len(found)
             if not found:
@@ -67,6 +69,11 @@ def image_paths(inputs):
     if other:
         print(f"warning: skipped {other} file(s) whose extension Pillow does not read", file=sys.stderr)
     return paths
+
+
+def _hidden(relative):
+    """Inside a hidden folder (.ipynb_checkpoints/, .git/) or hidden itself, as the ImageFolder loader skips."""
+    return any(part.startswith(".") for part in relative.parts)
 
 
 def decode_batch(classifier, paths, max_pixels, skip_bad_images):

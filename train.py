@@ -55,7 +55,7 @@ def main(args):
     device = distributed.pick_device(args.device)
     distributed.setup(device)
     start = weights.open_weights(args.model, args.weights) if args.weights else None
-    out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
+    out = cli.prepare_out_dir(args.out, cli.RUN_OUTPUTS, overwrite=args.overwrite, resume=args.resume)
     image_size, size_reason = weights.image_size_for(args.image_size, start, cli.DEFAULT_IMAGE_SIZE)
     train = load_split(args.data, "train", args.task, image_size, resize=args.resize, **cli.load_options(args))
     val = load_split(args.data, "val", args.task, image_size, resize=args.resize, **cli.load_options(args))

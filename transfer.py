@@ -29,7 +29,7 @@ def get_args_parser():
 
 
 def _plan(args, freezes, labels):
-    """(frozen stages, seed, folder) of every run, and what in OUT marks a finished whole: an
+    """(frozen stages, seed, folder) of every run, and what the whole writes in OUT itself: an
     ensemble's members go to OUT/seed-S/, a sweep's runs to OUT/freeze-K/, one run to OUT."""
     if args.seeds:
         return [(freezes[0], seed, f"seed-{seed}") for seed in args.seeds], ("model.pt",)
@@ -38,17 +38,17 @@ def _plan(args, freezes, labels):
     return [(freezes[0], args.seed, None)], None
 
 
-def _run_dirs(out, folders, markers, overwrite, resume):
+def _run_dirs(out, folders, outputs, overwrite, resume):
     """Check every run's folder before training any, so a refusal costs nothing."""
     if folders == [None]:
-        return [(cli.prepare_out_dir(out, overwrite=overwrite, resume=resume), resume)]
+        return [(cli.prepare_out_dir(out, cli.RUN_OUTPUTS, overwrite=overwrite, resume=resume), resume)]
     if not resume:
-        cli.prepare_out_dir(out, overwrite=overwrite, markers=markers)
+        cli.prepare_out_dir(out, outputs, overwrite=overwrite)
     dirs = []
     for folder in folders:
         run_dir = out / folder
         resume_run = resume and (run_dir / "last.pt").is_file()
-        dirs.append((cli.prepare_out_dir(run_dir, overwrite=overwrite, resume=resume_run), resume_run))
+        dirs.append((cli.prepare_out_dir(run_dir, cli.RUN_OUTPUTS, overwrite=overwrite, resume=resume_run), resume_run))
     return dirs
 
 
@@ -69,9 +69,9 @@ def main(args):
     freezes = transfer.resolve_freeze(args.freeze, model_name)
     labels = [transfer.freeze_label(k, model_name) for k in freezes]
     transfer.check_seeds(args.seeds, freezes)
-    runs, markers = _plan(args, freezes, labels)
+    runs, outputs = _plan(args, freezes, labels)
     out = Path(args.out)
-    run_dirs = _run_dirs(out, [folder for _, _, folder in runs], markers, args.overwrite, args.resume)
+    run_dirs = _run_dirs(out, [folder for _, _, folder in runs], outputs, args.overwrite, args.resume)
     resize = source.get("resize", "squash")
     train = load_split(args.data, "train", args.task, source["image_size"], resize=resize, **cli.load_options(args))
     val = load_split(args.data, "val", args.task, source["image_size"], resize=resize, **cli.load_options(args))

@@ -29,6 +29,7 @@ import contextlib
 import io
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from lib.checkpoint import build_from_checkpoint
 from lib.data import Split, load_split
 from lib.engine import predict_probs
 from lib.errors import UserError
-from lib.images import DEFAULT_MAX_PIXELS, decode_image
+from lib.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from lib.ensemble import describe
 from lib.models import Ensemble, cam_reshape, default_cam_layer
 from lib.pixel_cache import DEFAULT
@@ -231,9 +232,7 @@ def load_images(files, data, task, split, num_images, seed, image_size, classes,
     if files:
         if data is not None:
             raise UserError("--images and --data: give one or the other")
-        decoded = np.stack([decode_image(path, image_size, resize, max_pixels) for path in files])
-        return Split(torch.from_numpy(decoded).permute(0, 3, 1, 2).contiguous(), None, list(classes),
-                     [str(path) for path in files])
+        return _image_files(files, image_size, resize, skip_bad_images, max_pixels, classes)
     if data is None:
         raise UserError("--data: required unless --images is given")
     full = load_split(data, split, task, image_size, skip_bad_images, resize=resize, max_pixels=max_pixels,
@@ -242,6 +241,22 @@ def load_images(files, data, task, split, num_images, seed, image_size, classes,
         chosen = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
         full = full.rows(chosen)
     return full
+
+
+def _image_files(files, image_size, resize, skip_bad_images, max_pixels, classes):
+    """--images as an unlabelled Split; an unreadable file is an error, or skipped with a warning."""
+    decoded, kept = [], []
+    for path in files:
+        try:
+            decoded.append(decode_image(path, image_size, resize, max_pixels))
+            kept.append(str(path))
+        except BadImageError as error:
+            if not skip_bad_images:
+                raise BadImageError(f"{error}; --skip-bad-images leaves unreadable images out") from None
+            print(f"warning: skipped {error}", file=sys.stderr)
+    if not decoded:
+        raise UserError(f"--images: no readable images among {len(files)} file(s)")
+    return Split(torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous(), None, list(classes), kept)
 
 
 def panel_titles(split, explanations):

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from lib.demo import demo_root
 from lib.errors import UserError
 from lib.files import atomic_write
 from lib.images import DEFAULT_MAX_PIXELS
@@ -35,7 +36,20 @@ TRAINING_KEYS = ("history", "training")
 
 
 def save_checkpoint(checkpoint, path):
-    atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+    atomic_write(path, lambda tmp: _save(checkpoint, tmp))
+
+
+def _save(checkpoint, tmp):
+    # Through a Python file, so that a failed write (a full disk) is an OSError, which atomic_write
+    # reports in one line: torch.save to a path reports it as an opaque RuntimeError, and closing
+    # its zip writer after a failed write hides the OSError behind another RuntimeError.
+    with open(tmp, "wb") as f:
+        try:
+            torch.save(checkpoint, f)
+        except RuntimeError as error:
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
 
 
 def load_checkpoint(path):
@@ -107,8 +121,11 @@ def _state_dict_mismatch(error, limit=300):
 
 
 def data_location(data):
-    """--data as a comparable value: 'demo', or the folder's resolved path."""
-    return data if data in (None, "demo") else str(Path(data).resolve())
+    """--data as a comparable value: the folder's resolved real path, the demo dataset's folder for
+    'demo' (however --data was written, the same folder is the same value); None for None."""
+    if data is None:
+        return None
+    return str(Path(demo_root() if str(data) == "demo" else data).resolve())
 
 
 def training_state(model, ema, optimizer, scheduler, scaler, selector, best_val_probs):

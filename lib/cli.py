@@ -5,11 +5,12 @@ Output rule, the same for every script: an output that already exists is refused
 """
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
 from lib.errors import UserError
-from lib.files import remove_stale_temporaries
+from lib.files import DISK_FULL, failure_reason, remove_stale_temporaries
 from lib.images import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
 
 
@@ -112,16 +113,15 @@ def add_loading_args(group, from_checkpoint=False):
     """How images are read (load_options): --skip-bad-images, --max-image-pixels, --pixel-cache,
     --no-pixel-cache. from_checkpoint (export.py, which reads the images a checkpoint's run read):
     images are skipped too when that run skipped them, and --max-image-pixels defaults (None) to its."""
-    from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
-
     group.add_argument("--skip-bad-images", action="store_true",
                        help="warn about and skip unreadable images instead of stopping"
                             + ("; on too when the checkpoint's run skipped them" if from_checkpoint else ""))
     add_max_pixels_arg(group, None if from_checkpoint else DEFAULT_MAX_PIXELS,
                        "; None: the checkpoint's run's" if from_checkpoint else "")
-    group.add_argument("--pixel-cache", metavar="DIR", default=str(default_folder()),
+    group.add_argument("--pixel-cache", metavar="DIR",
                        help="folder of decoded pixels, decoded once and memory-mapped by every later run "
-                            "($XDG_CACHE_HOME/landmark-classification/pixels; ~/.cache/... without XDG_CACHE_HOME)")
+                            "(None: $XDG_CACHE_HOME/landmark-classification/pixels; ~/.cache/... without "
+                            "XDG_CACHE_HOME; a folder in $TMPDIR, with a warning, without a home folder)")
     group.add_argument("--no-pixel-cache", action="store_true",
                        help="decode every time and keep nothing (decoding goes to a temporary file in $TMPDIR)")
 
@@ -139,8 +139,10 @@ def add_max_pixels_arg(group, default, more_help=""):
 
 def load_options(args):
     """load_split's keyword arguments from the data flags (add_data_args)."""
+    from lib.pixel_cache import DEFAULT  # not at the top: predict.py needs neither it nor tqdm
+
     return {"skip_bad_images": args.skip_bad_images, "max_pixels": args.max_image_pixels,
-            "cache_dir": None if args.no_pixel_cache else args.pixel_cache}
+            "cache_dir": None if args.no_pixel_cache else args.pixel_cache or DEFAULT}
 
 
 def add_run_args(parser, out_help, seed_help="seed for weights, shuffling and augmentation"):
@@ -220,9 +222,14 @@ def add_training_args(parser, defaults):
     return group
 
 
-def prepare_out_dir(out, overwrite=False, resume=False, markers=("last.pt", "best.pt")):
-    """Create the output folder; refuse one that holds an earlier run unless told what to do.
-    Temporary files that a killed write left in it are removed."""
+# What a training run writes into its folder (fit's checkpoints and metrics, the scripts' curves).
+RUN_OUTPUTS = ("model.pt", "best.pt", "last.pt", "metrics.csv", "curves.png")
+
+
+def prepare_out_dir(out, outputs, overwrite=False, resume=False):
+    """Create the output folder; refuse one that holds any of `outputs` (names or glob patterns
+    of what this run writes there) unless told what to do. Temporary files that a killed write
+    left in it are removed. Raises UserError for a folder that cannot be created."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out}: exists and is not a folder")
@@ -230,15 +237,36 @@ def prepare_out_dir(out, overwrite=False, resume=False, markers=("last.pt", "bes
         if not (out / "last.pt").is_file():
             raise UserError(f"--resume: no {out / 'last.pt'} to resume from")
     else:
-        existing = [m for m in markers if (out / m).exists()]
+        existing = existing_outputs(out, outputs)
         if existing and not overwrite:
             raise UserError(f"--out {out}: already holds {', '.join(existing)}; "
                             "use --resume to continue or --overwrite to replace it")
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, "--out")
+    if not os.access(out, os.W_OK | os.X_OK):  # now, not after an epoch of training
+        raise UserError(f"--out {out}: no permission to write in this folder")
     removed = remove_stale_temporaries(out)
     if removed:
         print(f"removed {len(removed)} temporary file(s) an interrupted write left in {out}: {', '.join(removed)}")
     return out
+
+
+def existing_outputs(out, outputs):
+    """The names in folder `out` that match any of `outputs` (names or glob patterns), sorted."""
+    if not Path(out).is_dir():
+        return []
+    return sorted({path.name for pattern in outputs for path in Path(out).glob(pattern)})
+
+
+def make_folder(folder, flag):
+    """mkdir -p, with the reason it cannot be made (a path through a file, no permission, a full
+    disk) as a UserError naming `flag`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocker = next((p for p in folder.parents if p.exists() and not p.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker else error.strerror or str(error)
+        raise UserError(f"{flag} {folder}: cannot create this folder ({reason})") from None
 
 
 def plain_args(args):
@@ -247,13 +275,20 @@ def plain_args(args):
 
 
 def run(main, parser):
-    """Parse, run, and turn a UserError into `prog: error: message` with exit code 2.
-    A main that returns a number exits with it (export.py's 3: written, but not everything)."""
+    """Parse, run, and turn a UserError (or the OSError of a full disk) into `prog: error: message`
+    with exit code 2. A main that returns a number exits with it (export.py's 3: written, but not everything)."""
     args = parser.parse_args()
     try:
         status = main(args)
     except UserError as error:
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        # Writes that bypass atomic_write (a library's own files, the pixel cache) on a full disk.
+        if error.errno not in DISK_FULL:
+            raise
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"{parser.prog}: error: {where}{failure_reason(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

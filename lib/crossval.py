@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from lib import cli, flops, transfer
 from lib.checkpoint import data_location, resume_mismatches, save_checkpoint
-from lib.data import ImageRows, Split, match_classes
+from lib.data import ImageRows, Split, detect_layout, match_classes, resolve_data_dir
 from lib.engine import fit, predict_probs
 from lib.errors import UserError
 from lib.metrics import epoch_metrics
@@ -102,8 +102,13 @@ def inner_split(split, fraction, seed):
 
 def check_source(source, path, task, data):
     """Refuse a source trained on this very task and data: every held-out image would already
-    have shaped the model, and the held-out scores would be flattered."""
-    if source.get("task") == task and data_location((source.get("args") or {}).get("data")) == data_location(data):
+    have shaped the model, and the held-out scores would be flattered. The data is compared by
+    what it is (the folder's real path, the task only where the CSV layout has tasks), not by
+    how --data and --task were written."""
+    if data_location((source.get("args") or {}).get("data")) != data_location(data):
+        return
+    # An ImageFolder dataset has one task, whatever --task said when the source was trained.
+    if source.get("task") == task or detect_layout(resolve_data_dir(data)) == "imagefolder":
         raise UserError(f"--source {path}: was trained on {cli.data_name(data, task)} itself, so every held-out "
                         f"image already shaped it; cross-validate from a source trained on another task")
 

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from lib.files import cache_folder
+
 # Bump when the drawings change, so cached copies are regenerated.
 DEMO_VERSION = 1
 SOURCE_CLASSES = ["arena", "twin_towers", "arch_bridge", "stepped_hall",
@@ -164,8 +166,7 @@ def generate_demo(root, seed=0, per_class=None, size=64):
 
 def demo_root(seed=0):
     """Where the demo dataset is cached: outside the repository, in the user's cache folder."""
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "landmark-classification" / f"demo-v{DEMO_VERSION}-seed{seed}"
+    return cache_folder() / f"demo-v{DEMO_VERSION}-seed{seed}"
 
 
 def ensure_demo(seed=0):

@@ -14,8 +14,10 @@ Keys:
   path and sha256, seed, epoch, selection (the rule that chose it, as OUT/model.pt names it),
   val metrics of that epoch and lineage};
 - state_dict: the Ensemble's, every member's weights under `members.I.`.
-A member must be a single model: an ensemble of ensembles is refused (give its members).
+A member must be a single model: an ensemble of ensembles is refused (give its members), and so is
+one model twice (members with the same weights).
 """
+import hashlib
 from pathlib import Path
 
 import torch
@@ -76,6 +78,27 @@ def in_class_order(checkpoint, classes, where, sides):
     return {**checkpoint, "classes": list(classes), "state_dict": state}
 
 
+def weights_digest(state_dict):
+    """sha256 of a state_dict's names and tensor bytes: equal for the same weights in any file."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_distinct(paths, members):
+    """Refuse the same model twice (one file, a copy, or a run's model.pt and best.pt: the same
+    weights), in one line naming both files."""
+    seen = {}
+    for path, member in zip(paths, members):
+        digest = weights_digest(member["state_dict"])
+        if digest in seen:
+            raise UserError(f"member {path}: has the same weights as {seen[digest]}; an ensemble of one model "
+                            "twice is that model")
+        seen[digest] = path
+
+
 def check_compatible(paths, members):
     """Refuse, in one line naming the member and the fact, members that differ from the first."""
     for path, member in zip(paths[1:], members[1:]):
@@ -107,6 +130,7 @@ def ensemble_checkpoint(paths, members):
                                             (str(paths[0]), str(path)))
                              for path, member in zip(paths[1:], members[1:]))]
     check_compatible(paths, members)
+    check_distinct(paths, members)
     first = members[0]
     checkpoint = {"format": FORMAT, **{k: first[k] for k in ("model", "classes", "image_size", "mean", "std")},
                   "stem": resolve_stem(first["model"], first["image_size"], first.get("stem")), "resize": first.get("resize", "squash")}

@@ -13,7 +13,7 @@ training did. In order, decode_image:
    antialiases when shrinking): squash (resize, ignoring the aspect ratio); crop (the centred
    square of side min(width, height), at offsets ((width - side) // 2, (height - side) // 2),
    then resize); pad (letterbox, Pillow's ImageOps.pad: resize so the long side fits, then paste
-   centred on PAD_FILL).
+   centred on PAD_FILL; a side that would shrink to 0 px keeps 1 px, so no image becomes fill alone).
 """
 import os
 
@@ -31,7 +31,7 @@ PAD_FILL = (0, 0, 0)  # black, as torchvision's Pad and Pillow's ImageOps.pad fi
 RESAMPLE = Image.Resampling.BILINEAR
 # Bump when decode_image gives other pixels for the same file and settings: decoded pixels
 # cached on disk (lib.pixel_cache) are keyed on it and on Pillow's version.
-DECODER_VERSION = 2
+DECODER_VERSION = 3
 
 # Every extension Pillow can open (not those it can only write), e.g. .jpg, .jfif, .jpe, .png, .webp.
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
@@ -57,7 +57,7 @@ def decode_image(path, size, resize="squash", max_pixels=DEFAULT_MAX_PIXELS):
 
     max_pixels: the largest width x height accepted; 0 or None accepts any size.
     Raises BadImageError (naming the file, and for a symbolic link where it points) for a file
-    that is missing, unreadable, not an image or over the limit.
+    that is missing, unreadable, not an image, damaged (whatever Pillow raises) or over the limit.
     """
     check_resize(resize)
     try:
@@ -69,10 +69,17 @@ def decode_image(path, size, resize="squash", max_pixels=DEFAULT_MAX_PIXELS):
                                     "--max-image-pixels N allows larger images")
             image.draft("RGB", (size, size))
             rgb = to_rgb8(ImageOps.exif_transpose(image))
+    except BadImageError:
+        raise
     except FileNotFoundError:
         raise BadImageError(f"{_describe(path)}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
+    except UnidentifiedImageError as error:
         raise BadImageError(f"{_describe(path)}: not a readable image ({error})") from None
+    except Exception as error:  # noqa: BLE001
+        # A damaged file makes Pillow's plugins raise nearly anything (NotImplementedError for a
+        # .dds header, RuntimeError for .avif, struct.error, IndexError...): its own fuzzing harness
+        # accepts any Exception. Ours are only the checks above.
+        raise BadImageError(f"{_describe(path)}: not a readable image ({type(error).__name__}: {error})") from None
     return np.asarray(_to_square(rgb, size, resize), dtype=np.uint8)
 
 
@@ -102,8 +109,16 @@ def _to_square(image, size, resize):
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
     if resize == "pad":
-        return ImageOps.pad(image, (size, size), RESAMPLE, color=PAD_FILL)
+        return _pad(image, size)
     return image if image.size == (size, size) else image.resize((size, size), RESAMPLE)
+
+
+def _pad(image, size):
+    """ImageOps.pad to size x size, except that the content keeps at least one row (column): Pillow
+    rounds the short side of a 1000 x 1 image at 64 px to 0 rows and returns the fill alone."""
+    if round(min(image.size) / max(image.size) * size) == 0:  # Pillow's own rounding (ImageOps.contain)
+        image = image.resize((size, 1) if image.width > image.height else (1, size), RESAMPLE)
+    return ImageOps.pad(image, (size, size), RESAMPLE, color=PAD_FILL)
 
 
 def _describe(path):

@@ -47,7 +47,7 @@ import PIL
 from tqdm import tqdm
 
 from lib.errors import UserError
-from lib.files import write_json
+from lib.files import cache_folder, write_json
 from lib.images import DECODER_VERSION, DEFAULT_MAX_PIXELS, BadImageError, decode_image
 
 FORMAT = "landmark-classification-pixels/1"
@@ -74,8 +74,7 @@ class Pixels:
 
 
 def default_folder():
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "landmark-classification" / "pixels"
+    return cache_folder() / "pixels"
 
 
 def load_pixels(files, decoding, cache_dir=DEFAULT, identity="", label="images"):

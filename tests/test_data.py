@@ -488,3 +488,14 @@ def test_predict_skips_bad_images_when_asked_and_reports_them_per_file(policy_mo
     assert "skipped 1 file(s) whose extension Pillow does not read" in result.stderr
     text = run_main("predict.py", model, folder, "--skip-bad-images")
     assert [line.split("\t")[0] for line in text.stdout.splitlines()] == [str(folder / "a.png"), str(folder / "c.jpe")]
+
+
+def test_predict_leaves_hidden_files_and_folders_out(policy_models, tmp_path):
+    """As the ImageFolder loader does: Jupyter's .ipynb_checkpoints/ holds copies, not more photos."""
+    folder = tmp_path / "photos"
+    for relative in ("a.png", "sub/b.png", ".ipynb_checkpoints/a-checkpoint.png", "sub/.cache/c.png", ".d.png"):
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo(5)).save(folder / relative)
+    result = run_main("predict.py", policy_models / "squash.onnx", folder, "--json")
+    assert [r["file"] for r in json.loads(result.stdout)] == [str(folder / "a.png"), str(folder / "sub" / "b.png")]
+    assert "skipped" not in result.stderr, "hidden files are not counted as files of another type"

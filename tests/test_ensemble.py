@@ -119,8 +119,8 @@ def test_gradcam_pairs_each_members_activations_with_its_own_gradients():
 
 
 def _checkpoint(path, model="cnn3", stem=None, image_size=64, classes=("a", "b"), resize="squash",
-                mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25)):
-    torch.manual_seed(0)
+                mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), seed=0):
+    torch.manual_seed(seed)
     network = build_model(model, len(classes), image_size, stem)
     save_checkpoint({"format": FORMAT, "model": model, "stem": stem, "classes": list(classes), "image_size": image_size,
                      "resize": resize, "mean": list(mean), "std": list(std), "args": {"seed": 0}, "epoch": 1,
@@ -144,7 +144,7 @@ def test_incompatible_members_and_ensembles_where_one_model_belongs_are_refused_
         expected = "the classes differ (in " if name == "classes" else f"its {name} is "
         assert refused.stderr.startswith(f"ensemble.py: error: member {other}: {expected}"), refused.stderr
     assert not (tmp_path / "e.pt").exists()
-    run_main("ensemble.py", first, _checkpoint(tmp_path / "second.pt"), "--out", tmp_path / "e.pt")
+    run_main("ensemble.py", first, _checkpoint(tmp_path / "second.pt", seed=1), "--out", tmp_path / "e.pt")
     refused = {
         "is itself an ensemble": run_main("ensemble.py", first, tmp_path / "e.pt", "--out", tmp_path / "f.pt", check=False),
         "two or more checkpoints": run_main("ensemble.py", first, "--out", tmp_path / "f.pt", check=False),
@@ -156,3 +156,19 @@ def test_incompatible_members_and_ensembles_where_one_model_belongs_are_refused_
             "--out", tmp_path / "t", check=False)}
     for message, result in refused.items():
         assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_the_same_member_twice_is_refused_in_one_line(tmp_path):
+    """`ensemble.py a.pt a.pt` (a link to it, a copy, or another file of the same weights, as a
+    run's model.pt and best.pt) is one model dressed as two."""
+    first = _checkpoint(tmp_path / "first.pt")
+    copy_of_first, link, renamed = tmp_path / "copy.pt", tmp_path / "link.pt", tmp_path / "model.pt"
+    copy_of_first.write_bytes(first.read_bytes())
+    link.symlink_to(first)
+    save_checkpoint({**load_checkpoint(first), "selection": "best by accuracy"}, renamed)
+    for twin in (first, link, copy_of_first, renamed):
+        refused = run_main("ensemble.py", first, _checkpoint(tmp_path / "second.pt", seed=1), twin,
+                           "--out", tmp_path / "e.pt", check=False)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"member {twin}: has the same weights as {first}" in refused.stderr, refused.stderr
+    assert not (tmp_path / "e.pt").exists()

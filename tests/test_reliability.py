@@ -18,7 +18,7 @@ import torch
 
 from conftest import REPO, SCRIPT_ENV, float32_args, run_main, run_script
 from lib.checkpoint import FORMAT, load_checkpoint, without_training_state
-from lib.cli import prepare_out_dir
+from lib.cli import RUN_OUTPUTS, prepare_out_dir
 from lib.data import load_split
 from lib.demo import CSV_COLUMNS
 from lib.evaluation import load_predictor
@@ -105,6 +105,18 @@ def test_bad_image_is_named(demo_data, tmp_path, damage):
         skipped = train(data, tmp_path / "skipped", "--skip-bad-images")
         assert skipped.returncode == 0, skipped.stderr
         assert "skipped 1 unreadable image" in skipped.stderr
+
+
+def test_explain_skips_bad_image_files_when_asked(target_run, demo_data, tmp_path):
+    good = sorted((demo_data / "images").glob("*.png"))[:2]
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(good[0].read_bytes()[:100])
+    args = ["--checkpoint", target_run / "model.pt", "--images", good[0], bad, good[1]]
+    assert_clean_error(run_main("explain.py", *args, "--out", tmp_path / "stop", check=False),
+                       "broken.png", "--skip-bad-images")
+    result = run_main("explain.py", *args, "--skip-bad-images", "--out", tmp_path / "skip")
+    assert "skipped" in result.stderr and "broken.png" in result.stderr
+    assert len(list((tmp_path / "skip" / "images").glob("*.png"))) == 2
 
 
 @pytest.mark.parametrize("name", ["../escape.png", "/etc/passwd"])
@@ -379,12 +391,12 @@ def test_temporary_files_of_killed_writes_are_removed_at_the_next_start(tmp_path
     not_ours = [out / "notes.tmp", out / ".notes.tmp", out / "last.pt.tmp", out / ".last.pt.toolongname.tmp"]
     for path in not_ours:
         path.write_text("the user's")
-    prepare_out_dir(out, resume=False, markers=("best.pt",))
+    prepare_out_dir(out, ("best.pt",), resume=False)
     assert not left.exists() and not stale.exists()
     assert all(path.exists() for path in not_ours), "only atomic_write's own temporary names are removed"
 
     def write_while_a_run_starts(tmp):
-        assert prepare_out_dir(out, overwrite=True) == out and Path(tmp).exists()
+        assert prepare_out_dir(out, RUN_OUTPUTS, overwrite=True) == out and Path(tmp).exists()
         Path(tmp).write_text("new")
 
     atomic_write(out / "metrics.csv", write_while_a_run_starts)
