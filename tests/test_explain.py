@@ -154,8 +154,8 @@ def test_explain_writes_grid_images_and_stats(source_run, demo_data, tmp_path):
     stats = json.loads((out / "cam_stats.json").read_text())
     [model] = stats["models"]
     assert len(stats["images"]) == 5 and len(model["images"]) == 5 and model["layers"] == ["relu2"]
-    # An empty map (no positive evidence at the layer, normal for Grad-CAM on cnn3) has no
-    # fractions at all; every other map's lie in [0, 1].
+    # An empty map (no position with positive evidence at the layer) has no fractions at all;
+    # every other map's lie in [0, 1].
     empty = [row for row in model["images"] if row["top_third"] is None]
     assert all(row["central"] is None for row in empty)
     assert all(0 <= row["top_third"] <= 1 and 0 <= row["central"] <= 1
