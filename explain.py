@@ -32,7 +32,10 @@ def get_args_parser():
                        help="a seeded random sample of this many images of the split; 0 for all")
     group.add_argument("--images", nargs="+", metavar="FILE", type=Path,
                        help="explain these image files instead of a split of --data")
-    group.add_argument("--method", choices=list(cam.METHODS), default="gradcam", help="CAM method")
+    group.add_argument("--method", choices=list(cam.METHODS), default=cam.DEFAULT_METHOD,
+                       help="CAM method; hirescam weighs each position by its own gradient, where gradcam "
+                            "averages the gradient over positions and can leave maps blank on models whose "
+                            "head does not average (fastnet's max-pool, cnn3; docs/explain.md)")
     group.add_argument("--target-class",
                        help="class name or index whose map to draw; if not given, each image's predicted class")
     group.add_argument("--layer", nargs="+", metavar="NAME",
