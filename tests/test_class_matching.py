@@ -93,17 +93,22 @@ def _reversed(checkpoint):
 
 
 def test_an_ensemble_member_with_the_classes_in_another_order_is_put_in_the_first_members_order(target_run, tmp_path):
-    """A member whose head lists the same classes reversed is the same model: the ensemble of the
-    two must give the first member's probabilities."""
+    """A member whose head lists the same classes reversed is put in the first member's order: the
+    ensemble gives the probabilities of the ensemble of the same two models in one order. (A model
+    and its own reversed copy is one model twice, which ensembles refuse.)"""
     first = load_checkpoint(target_run / "best.pt")
-    reversed_member = _reversed(first)
+    generator = torch.Generator().manual_seed(0)
+    second = {**first, "state_dict": {key: value + 0.05 * torch.randn(value.shape, generator=generator)
+                                      if value.is_floating_point() else value
+                                      for key, value in first["state_dict"].items()}}
     paths = [tmp_path / "a.pt", tmp_path / "b.pt"]
-    for path, member in zip(paths, (first, reversed_member)):
+    for path, member in zip(paths, (first, second)):
         save_checkpoint(member, path)
+    images = torch.randn(4, 3, first["image_size"], first["image_size"])
+    expected = torch.softmax(build_from_checkpoint(ensemble_checkpoint(paths, [first, second]))(images), 1)
+    reversed_member = _reversed(second)
     combined = ensemble_checkpoint(paths, [first, reversed_member])
     assert combined["classes"] == first["classes"]
-    images = torch.randn(4, 3, first["image_size"], first["image_size"])
-    expected = torch.softmax(build_from_checkpoint(first)(images), 1)
     torch.testing.assert_close(torch.softmax(build_from_checkpoint(combined)(images), 1), expected)
     renamed = {**reversed_member, "classes": ["other", *reversed_member["classes"][1:]]}
     with pytest.raises(UserError, match=rf"member .*b.pt: the classes differ \(in .*b.pt, not in .*a.pt: other; "
