@@ -165,7 +165,8 @@ def add_training_args(parser, defaults):
     group.add_argument("--ema-bn-images", type=non_negative_int, default=defaults.ema_bn_images, metavar="N",
                        help="with --ema: before each validation the average's BatchNorm statistics are recomputed "
                             "on this many training images, unaugmented (averaged statistics do not fit averaged "
-                            "weights); 0 keeps those of the weights being trained")
+                            "weights); 0 averages them with the weights, as versions before did (BatchNorm models "
+                            "such as MobileNetV3 then validate at chance in short runs)")
     group.add_argument("--select", choices=["best", "last"], default=defaults.select,
                        help="which epoch OUT/model.pt holds: the best by --select-metric (best.pt's), or the last")
     group.add_argument("--select-metric", choices=["accuracy", "balanced_accuracy", "auroc", "loss"],

@@ -262,7 +262,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     optimizer = make_optimizer(groups, config.optimizer, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch=len(first_batches))
     scaler = make_scaler(device, config.amp)
-    ema = make_ema(model, config.ema)
+    ema = make_ema(model, config.ema, average_buffers=not config.ema_bn_images)
     evaluated = ema.module if ema else model
     averaged_frozen = modules_in(ema.module, model, frozen_modules) if ema else []
     compute = ComputeCounter(model, len(train.classes), image_size)

@@ -36,7 +36,8 @@ class TrainConfig:
     patience: int | None = 10  # None: never stop early
     warmup_epochs: float = 1.0
     ema: float = 0.99
-    ema_bn_images: int = 64          # training images that re-estimate the average's BatchNorm statistics
+    ema_bn_images: int = 64          # training images that re-estimate the average's BatchNorm statistics;
+                                     # 0: averaged with the weights (lib.recipe.make_ema)
     eval_every: int = 2
     min_size: int = 32
     select: str = "best"             # which checkpoint OUT/model.pt is: lib.selection
@@ -162,18 +163,19 @@ def train_size(epoch, epochs, min_size, image_size):
     return max(min_size, min(image_size, round(side / 8) * 8))
 
 
-def make_ema(model, decay):
+def make_ema(model, decay, average_buffers=False):
     """The exponential moving average of `model`'s weights, or None (decay 0).
 
-    Its buffers (BatchNorm statistics) follow `model`'s at each update; before the average is
-    validated or saved they are re-estimated for its own weights (reestimate_batchnorm).
-    Averaging the statistics along with the weights (timm's ModelEmaV2) is not consistent with
-    the averaged weights: a BatchNorm variance is quadratic in the weights before it, and in
-    short runs the average keeps a large share of early steps, whose variances were far larger
-    (measured: MobileNetV3-Small on the landmark target task validated at chance, 0.50, with
-    every probability near 0.52; re-estimated, 0.92).
+    Its buffers (BatchNorm statistics) follow `model`'s at each update, and before the average
+    is validated or saved they are re-estimated for its own weights (reestimate_batchnorm).
+    average_buffers=True averages them along with the weights instead (timm's ModelEmaV2, and
+    this toolkit before): that is not consistent with the averaged weights, as a BatchNorm
+    variance is quadratic in the weights before it, and in short runs the average keeps a large
+    share of early steps, whose variances were far larger (measured: MobileNetV3-Small on the
+    landmark target task validated at chance, 0.50, every probability near 0.52; re-estimated,
+    0.93).
     """
-    return AveragedModel(model, multi_avg_fn=_ema_update(decay), use_buffers=False) if decay else None
+    return AveragedModel(model, multi_avg_fn=_ema_update(decay), use_buffers=average_buffers) if decay else None
 
 
 def batchnorm_layers(model, keep=()):
@@ -228,5 +230,8 @@ def _ema_update(decay):
     """AveragedModel's update (it copies the weights itself at the first update, t = 1)."""
     @torch.no_grad()
     def update(averaged, current, n_averaged):
-        torch._foreach_lerp_(averaged, current, ema_weight(decay, float(n_averaged) + 1))
+        if averaged[0].is_floating_point():
+            torch._foreach_lerp_(averaged, current, ema_weight(decay, float(n_averaged) + 1))
+        else:  # BatchNorm's step counters, with average_buffers
+            torch._foreach_copy_(averaged, current)
     return update
