@@ -200,7 +200,8 @@ def still_improving_note(history, config):
     if len(validated) < 2:
         return None
     before, last = validated[-2:]
-    if score(last, metric) <= max(score(row, metric) for row in validated[:-1]) or last["val_loss"] >= before["val_loss"]:
+    best_before = max(score(row, metric) for row in validated[:-1])
+    if score(last, metric) <= best_before or last["val_loss"] >= before["val_loss"]:
         return None
     longer = (f"--min-steps {2 * config.min_steps}" if last.get("passes", 1) > 1 else f"--epochs {2 * last['epoch']}")
     return (f"note: still improving at the last validation (epoch {last['epoch']}: val {metric} "

@@ -188,7 +188,8 @@ def test_different_decays_give_different_weights_in_a_short_run(tmp_path):
     for decay in (0.9, 0.99, 0.999):
         torch.manual_seed(0)
         fit(build_model("cnn3", 2, 32), _tiny(), _tiny(), describe=TINY, out=tmp_path / str(decay),
-            device=torch.device("cpu"), seed=0, config=TrainConfig(epochs=2, min_steps=0, batch_size=4, augment="none", ema=decay))
+            device=torch.device("cpu"), seed=0,
+            config=TrainConfig(epochs=2, min_steps=0, batch_size=4, augment="none", ema=decay))
         averaged[decay] = load_checkpoint(tmp_path / str(decay) / "last.pt")["state_dict"]
     for a, b in ((0.9, 0.99), (0.99, 0.999), (0.9, 0.999)):
         assert all(not torch.equal(averaged[a][k], averaged[b][k]) for k in averaged[a] if "weight" in k), (a, b)

@@ -113,7 +113,8 @@ def test_a_small_train_split_is_gone_over_several_times_an_epoch():
 def test_train_py_stretches_a_small_split_to_min_steps(demo_data, tmp_path):
     result = run_main("train.py", "--data", demo_data, "--task", "target", "--model", "cnn3", "--epochs", "2",
                       "--min-steps", "8", "--out", tmp_path / "run")
-    assert "80 train images: each epoch goes over them 2 times, so 2 epochs make at least --min-steps 8" in result.stdout
+    stretched = "80 train images: each epoch goes over them 2 times, so 2 epochs make at least --min-steps 8"
+    assert stretched in result.stdout
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [int(r["passes"]) for r in rows] == [2, 2]
 
