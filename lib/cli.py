@@ -162,6 +162,9 @@ def add_training_args(parser, defaults):
 
     group = parser.add_argument_group("training (defaults are the recommended recipe)")
     group.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    group.add_argument("--min-steps", type=non_negative_int, default=defaults.min_steps, metavar="N",
+                       help="at least this many optimizer updates: an epoch goes over a small train split "
+                            "several times (passes) so that --epochs epochs make N; 0: one pass an epoch")
     group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     group.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default=defaults.optimizer)
     group.add_argument("--lr", type=positive_float, default=defaults.lr, help="learning rate")
@@ -198,6 +201,11 @@ def add_training_args(parser, defaults):
     group.add_argument("--ema", type=unit_interval, default=defaults.ema,
                        help="decay of an exponential moving average of the weights, updated every step "
                             "(bias-corrected: no warm-up needed), which is what is validated and saved; 0 turns it off")
+    group.add_argument("--ema-bn-images", type=non_negative_int, default=defaults.ema_bn_images, metavar="N",
+                       help="with --ema: before each validation the average's BatchNorm statistics are recomputed "
+                            "on this many training images, unaugmented (averaged statistics do not fit averaged "
+                            "weights); 0 averages them with the weights, as versions before did (BatchNorm models "
+                            "such as MobileNetV3 then validate at chance in short runs)")
     group.add_argument("--select", choices=["best", "last"], default=defaults.select,
                        help="which epoch OUT/model.pt holds: the best by --select-metric (best.pt's), or the last")
     group.add_argument("--select-metric", choices=["accuracy", "balanced_accuracy", "auroc", "loss"],

@@ -31,7 +31,8 @@ from lib.files import write_csv
 from lib.loss import cross_entropy
 from lib.metrics import epoch_metrics, per_class_recall
 from lib.models import fixed_input_size
-from lib.recipe import autocast, make_ema, make_optimizer, make_scaler, make_scheduler, train_size
+from lib.recipe import (autocast, make_ema, make_optimizer, make_scaler, make_scheduler, passes_per_epoch,
+                        reestimate_batchnorm, train_size)
 
 
 @torch.no_grad()
@@ -94,37 +95,49 @@ def cost_summary(history):
             f"{sum(row['seconds'] for row in history):.0f} s")
 
 
-def recall_summary(path):
-    """The per-class val recall of a saved checkpoint (e.g. OUT/model.pt), for the scripts' closing lines."""
-    recall = load_checkpoint(path)["metrics"].get("val_recall") or {}
+def recall_summary(checkpoint):
+    """The per-class val recall of a saved checkpoint (e.g. OUT/model.pt's), for the scripts' closing lines."""
+    recall = checkpoint["metrics"].get("val_recall") or {}
     return "val recall per class: " + ", ".join(
         f"{name} {'-' if value is None else f'{value:.3f}'}" for name, value in recall.items())
 
 
 def run_report(out, history, config, best_epoch=None):
     """The closing lines of train.py and transfer.py for the run in `out`: per-class val recall of
-    OUT/model.pt, then its epoch and val scores (and best.pt's epoch when given), compute and time."""
+    OUT/model.pt, then its epoch and val scores (and best.pt's epoch when given), compute and time;
+    then a warning if val stayed at chance while training learnt, a note if it was still improving."""
     chosen = selection.chosen_row(history, config)
+    recommended = load_checkpoint(out / "model.pt")
     best = f"best.pt: epoch {best_epoch}; " if best_epoch is not None else ""
-    return (f"{recall_summary(out / 'model.pt')}\n"
-            f"{out / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
-            f"{chosen['val_accuracy']:.4f}, balanced accuracy {chosen['val_balanced_accuracy']:.4f}, "
-            f"AUROC {chosen['val_auroc']:.4f}; {best}{cost_summary(history)}")
+    notes = [selection.chance_warning(history, len(recommended["classes"])),
+             selection.still_improving_note(history, config)]
+    return "\n".join([recall_summary(recommended),
+                      f"{out / 'model.pt'}: epoch {chosen['epoch']} (--select {config.select}), val accuracy "
+                      f"{chosen['val_accuracy']:.4f}, balanced accuracy {chosen['val_balanced_accuracy']:.4f}, "
+                      f"AUROC {chosen['val_auroc']:.4f}; {best}{cost_summary(history)}",
+                      *[note for note in notes if note]])
 
 
-def _epoch_batches(split, seed, epoch, batch_size, sampler="shuffle"):
-    """This process's batches of one epoch, as index tensors.
+def _epoch_batches(split, seed, epoch, batch_size, sampler="shuffle", passes=1):
+    """This process's batches of one epoch (`passes` passes over the split), as index tensors.
 
     Randomness is a function of (seed, epoch), not carried state, so a resumed run repeats an
     uninterrupted one. The order is shared by all processes (each takes its equal-length
     share, padded by DistributedSampler; --sampler balanced: lib.balance.balanced_order).
+    Each pass is shuffled as an epoch of its own; with one pass, exactly as epoch `epoch`.
     """
+    return [batch for part in range(passes)
+            for batch in _pass_batches(split, seed, (epoch - 1) * passes + part + 1, batch_size, sampler)]
+
+
+def _pass_batches(split, seed, key, batch_size, sampler):
+    """One shuffled pass over `split` in batches, seeded by (seed, key)."""
     if sampler == "balanced":
-        order = balance.balanced_order(split.labels, seed, epoch, distributed.world_size(), distributed.rank())
+        order = balance.balanced_order(split.labels, seed, key, distributed.world_size(), distributed.rank())
     else:
         shuffle = DistributedSampler(split, num_replicas=distributed.world_size(), rank=distributed.rank(),
                                      shuffle=True, seed=seed)
-        shuffle.set_epoch(epoch)
+        shuffle.set_epoch(key)
         order = torch.tensor(list(shuffle), dtype=torch.int64)
     local_batch = max(batch_size // distributed.world_size(), 1)
     # Drop a last batch of one image: BatchNorm cannot train on it.
@@ -136,23 +149,39 @@ def _epoch_batches(split, seed, epoch, batch_size, sampler="shuffle"):
 
 class ComputeCounter:
     """FLOPs of a run: training images forward and backward at each epoch's size, validation
-    images forward, each size counted once (lib.flops)."""
+    images (and those re-estimating the average's BatchNorm statistics) forward at the full
+    size, each size counted once (lib.flops)."""
 
     def __init__(self, model, num_classes, image_size):
         self.model, self.num_classes = model, num_classes
         self.train_per_image, self.eval_per_image = {}, flops.inference_flops(model, image_size)
 
-    def epoch(self, train_images, size, val_images):
+    def epoch(self, train_images, size, forward_images):
         if size not in self.train_per_image:
             self.train_per_image[size] = flops.training_flops(self.model, size, self.num_classes)
-        return train_images * self.train_per_image[size] + val_images * self.eval_per_image
+        return train_images * self.train_per_image[size] + forward_images * self.eval_per_image
+
+
+def batchnorm_batches(split, seed, epoch, count, batch_size, mean, std, device):
+    """Normalised batches of `count` training images drawn by (seed, epoch), unaugmented at the
+    split's size: what the average's BatchNorm statistics are re-estimated on. The batches are of
+    near-equal sizes, so none is a single image (BatchNorm cannot train on one)."""
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
+    index = torch.randperm(len(split), generator=generator)[:count]
+    for part in torch.tensor_split(index, math.ceil(len(index) / batch_size)):
+        yield normalize(split.images[part].to(device).float().div_(255), mean, std)
+
+
+def modules_in(copy_of_model, model, modules):
+    """The modules of `copy_of_model` (e.g. the average) that are `modules` in `model`, found by name."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [copy_of_model.get_submodule(names[id(module)]) for module in modules]
 
 
 def _scratch_copy(model, frozen_modules):
     """A CPU float32 copy to try forward passes on, with its frozen stages found again in it."""
-    names = {id(module): name for name, module in model.named_modules()}
     scratch = copy.deepcopy(model).cpu().float()
-    return scratch, [scratch.get_submodule(names[id(module)]) for module in frozen_modules]
+    return scratch, modules_in(scratch, model, frozen_modules)
 
 
 def _forward_error(scratch, frozen_modules, batch, size, train):
@@ -220,7 +249,11 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
         if distributed.is_main():
             print(f"note: {describe['model']} takes {image_size} px inputs only, so every epoch trains at "
                   f"{image_size} px (--min-size is for models that pool globally)")
-    first_batches = _epoch_batches(train, seed, 1, config.batch_size, config.sampler)
+    passes = passes_per_epoch(len(train), config.batch_size, config.epochs, config.min_steps)
+    if passes > 1 and distributed.is_main():
+        print(f"{len(train)} train images: each epoch goes over them {passes} times, so {config.epochs} epochs "
+              f"make at least --min-steps {config.min_steps} updates")
+    first_batches = _epoch_batches(train, seed, 1, config.batch_size, config.sampler, passes)
     check_input_sizes(model, frozen_modules, describe.get("model", "the model"), config, image_size,
                       min(len(batch) for batch in first_batches))
     model.to(device)
@@ -230,8 +263,9 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     optimizer = make_optimizer(groups, config.optimizer, config.lr, config.weight_decay)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch=len(first_batches))
     scaler = make_scaler(device, config.amp)
-    ema = make_ema(model, config.ema)
+    ema = make_ema(model, config.ema, average_buffers=not config.ema_bn_images)
     evaluated = ema.module if ema else model
+    averaged_frozen = modules_in(ema.module, model, frozen_modules) if ema else []
     compute = ComputeCounter(model, len(train.classes), image_size)
     weights = None
     if config.class_weights == "balanced":
@@ -276,7 +310,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                 break
             started = time.perf_counter()
             size = train_size(epoch, config.epochs, config.min_size, image_size)
-            batches = _epoch_batches(train, seed, epoch, config.batch_size, config.sampler)
+            batches = _epoch_batches(train, seed, epoch, config.batch_size, config.sampler, passes)
             train_stats, lr = _train_epoch(net, model, ema, frozen_modules, train, batches, mean, std, config,
                                            optimizer, scheduler, scaler, seed, device, epoch, size, weights, mixer)
             distributed.average_buffers(model)
@@ -284,6 +318,10 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                 distributed.average_buffers(ema.module)
             # Also the epoch early stopping would end the run after, so the run ends validated.
             validate = epoch % config.eval_every == 0 or epoch == config.epochs or selector.stops_after(epoch)
+            reestimated = 0
+            if validate and ema and config.ema_bn_images:
+                reestimated = reestimate_batchnorm(ema.module, batchnorm_batches(
+                    train, seed, epoch, config.ema_bn_images, config.batch_size, mean, std, device), averaged_frozen)
             if validate:
                 val_probs = distributed.gather_in_order(
                     predict_probs(evaluated, distributed.shard(val.images), mean, std, device), len(val))
@@ -292,8 +330,9 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             else:
                 val_stats = {key: None for key in train_stats}
             tflop = compute.epoch(sum(len(b) for b in batches) * distributed.world_size(), size,
-                                  len(val) if validate else 0) / 1e12
-            row = {"epoch": epoch, "size": size, **{f"train_{k}": v for k, v in train_stats.items()},
+                                  (len(val) + reestimated) if validate else 0) / 1e12
+            row = {"epoch": epoch, "size": size, "passes": passes,
+                   **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items()},
                    "lr": lr, "seconds": time.perf_counter() - started, "tflop": tflop,
                    "total_tflop": tflop + (history[-1]["total_tflop"] if history else 0.0)}

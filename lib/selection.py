@@ -168,3 +168,42 @@ def balance_note(labels, num_classes, metric):
         return unbalanced + f"epochs are ranked by {metric}, which weighs every class alike"
     return (unbalanced + f"{metric} ranks epochs mostly by the large classes; --select-metric "
             f"{' or '.join(CLASS_BALANCED)} weighs every class alike")
+
+
+# Balanced accuracy within this of chance (1 / classes) is "at chance"; train accuracy this far
+# above it means training learnt something val does not show.
+AT_CHANCE, LEARNT = 0.05, 0.2
+
+
+def chance_warning(history, num_classes):
+    """A closing warning when every validation was at chance (balanced accuracy at most
+    1/num_classes + AT_CHANCE) while the last epoch's train accuracy rose LEARNT above chance;
+    otherwise None. One class for every val image (a collapsed model) looks like this."""
+    validated = [row["val_balanced_accuracy"] for row in history if row.get("val_loss") is not None]
+    chance, trained = 1 / num_classes, history[-1]["train_accuracy"]
+    if not validated or max(validated) > chance + AT_CHANCE or trained < chance + LEARNT:
+        return None
+    return (f"warning: val balanced accuracy stayed at chance (at most {max(validated):.3f}; chance is {chance:.3f}) "
+            f"while train accuracy rose to {trained:.3f}: this model predicts nothing useful. Check that the val "
+            f"split holds the same kind of photos and labels as train; with --ema, --ema 0 validates the weights "
+            f"being trained instead of their average")
+
+
+def still_improving_note(history, config):
+    """A closing note when the last validation was the best so far by config.select_metric and
+    its val loss was lower than at the validation before: a longer run would likely do better.
+    It names the flag that makes it longer: --epochs, or --min-steps where a small train split
+    was gone over several times an epoch (there more epochs would mean fewer passes each).
+    None otherwise."""
+    metric = config.select_metric
+    validated = [row for row in history if row.get("val_loss") is not None]
+    if len(validated) < 2:
+        return None
+    before, last = validated[-2:]
+    best_before = max(score(row, metric) for row in validated[:-1])
+    if score(last, metric) <= best_before or last["val_loss"] >= before["val_loss"]:
+        return None
+    longer = (f"--min-steps {2 * config.min_steps}" if last.get("passes", 1) > 1 else f"--epochs {2 * last['epoch']}")
+    return (f"note: still improving at the last validation (epoch {last['epoch']}: val {metric} "
+            f"{last[f'val_{metric}']:.4f}, loss {last['val_loss']:.4f} against {before['val_loss']:.4f} at epoch "
+            f"{before['epoch']}): a longer run would likely do better, e.g. {longer}")

@@ -32,7 +32,8 @@ from lib.weights import WEIGHTS_LINEAGE
 # Chosen by nested cross-validation (README, "transfer.py"): on the 140-image target val split
 # "best" is decided by one or two images, while the annealed last epoch of a 30-epoch schedule at
 # full size scores better on held-out photos; so no early stopping and no progressive resizing.
-RECIPE = TrainConfig(epochs=30, lr=1e-3, patience=None, ema=0.95, eval_every=1, min_size=0, select="last")
+RECIPE = TrainConfig(epochs=30, min_steps=0, lr=1e-3, patience=None, ema=0.95, eval_every=1, min_size=0,
+                    select="last")
 DEFAULT_FREEZE = ["1"]
 
 SWEEP_COLUMNS = ["frozen_stages", "trainable_params", "best_epoch", "best_val_auroc",

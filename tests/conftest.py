@@ -39,10 +39,14 @@ TEST_AMP = os.environ.get("LANDMARK_TEST_AMP", "off")
 
 
 def float32_args(script, args):
-    """train.py, transfer.py and crossval.py get --amp off (TEST_AMP) unless a test chooses --amp itself."""
+    """train.py, transfer.py and crossval.py get --amp off (TEST_AMP) unless a test chooses --amp itself;
+    train.py gets --min-steps 0 (one pass an epoch, as --epochs says) unless a test chooses it: the
+    tests' few epochs on a few dozen images would otherwise be stretched to 600 updates."""
     args = [str(a) for a in args]
     if Path(script).name in ("train.py", "transfer.py", "crossval.py") and "--amp" not in args:
         args += ["--amp", TEST_AMP]
+    if Path(script).name == "train.py" and "--min-steps" not in args:
+        args += ["--min-steps", "0"]
     return args
 
 

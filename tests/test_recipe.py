@@ -147,12 +147,15 @@ def test_metrics_report_compute_and_validation_every_few_epochs(demo_data, tmp_p
     assert [r["val_loss"] != "" for r in rows] == [False, True, False, True], "odd epochs are not validated"
     model = build_model("fastnet", 2, 64)
     train, val = load_split(demo_data, "train", "target"), load_split(demo_data, "val", "target")
+    # A validation also forwards the 64 training images (--ema-bn-images) that re-estimate the
+    # average's BatchNorm statistics.
     expected = [len(train) * flops.training_flops(model, size, 2) +
-                (len(val) * flops.inference_flops(model, 64) if validated else 0)
+                ((len(val) + 64) * flops.inference_flops(model, 64) if validated else 0)
                 for size, validated in ((32, False), (48, True), (64, False), (64, True))]
     assert [float(r["tflop"]) * 1e12 for r in rows] == pytest.approx(expected, rel=1e-9)
     assert float(rows[-1]["total_tflop"]) * 1e12 == pytest.approx(sum(expected), rel=1e-9)
-    assert f"{sum(expected) / 1e12:.2f} TFLOP" in result.stdout.splitlines()[-1]
+    [closing] = [line for line in result.stdout.splitlines() if "model.pt: epoch" in line]
+    assert f"{sum(expected) / 1e12:.2f} TFLOP" in closing
     # With --ema the average is what is validated and saved as state_dict; last.pt keeps the
     # weights being trained beside it for --resume.
     training = load_checkpoint(out / "last.pt")["training"]
@@ -195,7 +198,8 @@ def test_different_decays_give_different_weights_in_a_short_run(tmp_path):
     for decay in (0.9, 0.99, 0.999):
         torch.manual_seed(0)
         fit(build_model("cnn3", 2, 32), _tiny(), _tiny(), describe=TINY, out=tmp_path / str(decay),
-            device=torch.device("cpu"), seed=0, config=TrainConfig(epochs=2, batch_size=4, augment="none", ema=decay))
+            device=torch.device("cpu"), seed=0,
+            config=TrainConfig(epochs=2, min_steps=0, batch_size=4, augment="none", ema=decay))
         averaged[decay] = load_checkpoint(tmp_path / str(decay) / "last.pt")["state_dict"]
     for a, b in ((0.9, 0.99), (0.99, 0.999), (0.9, 0.999)):
         assert all(not torch.equal(averaged[a][k], averaged[b][k]) for k in averaged[a] if "weight" in k), (a, b)
@@ -216,7 +220,8 @@ def test_best_pt_holds_the_averaged_weights_of_its_epoch(tmp_path, monkeypatch):
         real_save(checkpoint, path), saved.append((path.name, torch.load(path, weights_only=True)))))
     torch.manual_seed(0)
     fit(build_model("cnn3", 2, 32), _tiny(), _tiny(), describe=TINY, out=tmp_path, device=torch.device("cpu"), seed=0,
-        config=TrainConfig(epochs=3, batch_size=4, augment="none", ema=0.5, eval_every=1, scheduler="none"))
+        config=TrainConfig(epochs=3, min_steps=0, batch_size=4, augment="none", ema=0.5, eval_every=1,
+                           scheduler="none"))
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["epoch"] == 2
     [last_of_epoch_2] = [c for name, c in saved if name == "last.pt" and c["epoch"] == 2]

@@ -171,7 +171,7 @@ def _fit_without_improvement(out, monkeypatch, resume=False, **recipe):
     split = _tiny_split()
     torch.manual_seed(0)
     fit(build_model("cnn3", 2, 32), split, split, describe=_describe(), out=out, device=torch.device("cpu"), seed=0,
-        config=TrainConfig(batch_size=4, augment="none", ema=0.0, **recipe), resume=resume)
+        config=TrainConfig(batch_size=4, min_steps=0, augment="none", ema=0.0, **recipe), resume=resume)
     return load_checkpoint(out / "last.pt")
 
 
@@ -216,7 +216,7 @@ def test_gradient_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
     def run(out, epochs, resume=False):
         torch.manual_seed(0)
         fit(build_model("cnn3", 2, 32), split, split, describe=_describe(),
-            config=TrainConfig(epochs=epochs, batch_size=4, augment="none", scheduler="none"), out=out,
+            config=TrainConfig(epochs=epochs, min_steps=0, batch_size=4, augment="none", scheduler="none"), out=out,
             device=torch.device("cpu"), seed=0, resume=resume)
         return load_checkpoint(out / "last.pt")
 
@@ -249,7 +249,7 @@ def test_divergence_is_a_one_line_error(tmp_path):
     # SGD at lr 1e30 blows the weights up in the first step; the second step's loss is NaN.
     with pytest.raises(UserError, match=r"training diverged at epoch 1 \(loss nan\); lower --lr"):
         fit(build_model("cnn3", 2, 32), _tiny_split(), _tiny_split(), describe=_describe(),
-            config=TrainConfig(epochs=1, batch_size=4, optimizer="sgd", lr=1e30, augment="none"),
+            config=TrainConfig(epochs=1, min_steps=0, batch_size=4, optimizer="sgd", lr=1e30, augment="none"),
             out=tmp_path, device=torch.device("cpu"), seed=0)
 
 

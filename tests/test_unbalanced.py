@@ -151,8 +151,8 @@ def _split(n_frequent=12, n_rare=4, size=32):
 
 DESCRIBE = {"model": "cnn3", "task": None, "classes": ["frequent", "rare"], "image_size": 32, "mean": [0.5] * 3,
             "std": [0.25] * 3, "args": {"data": "tiny"}}
-MIXED = TrainConfig(epochs=2, batch_size=4, augment="light", min_size=0, eval_every=1, mixup=0.4, cutmix=1.0,
-                    class_weights="balanced", sampler="balanced")
+MIXED = TrainConfig(epochs=2, min_steps=0, batch_size=4, augment="light", min_size=0, eval_every=1, mixup=0.4,
+                    cutmix=1.0, class_weights="balanced", sampler="balanced")
 
 
 def _fit(out, config, resume=False, monitor=None):
