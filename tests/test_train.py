@@ -340,7 +340,7 @@ def test_resume_is_exact_for_a_model_with_dropout(tmp_path):
     uninterrupted one, which counted 32 px after epoch 1) must not draw from the run's generator."""
     split = _split_of(8, 32, 0)
     describe = {**_describe(), "model": "mobilenet_v3_small"}
-    config = TrainConfig(epochs=3, batch_size=4, augment="none", min_size=0, eval_every=1, ema=0.0)
+    config = TrainConfig(epochs=3, min_steps=0, batch_size=4, augment="none", min_size=0, eval_every=1, ema=0.0)
 
     def run(out, resume=False, monitor=None):
         torch.manual_seed(0)
@@ -371,7 +371,7 @@ def test_a_class_whose_only_image_is_left_out_of_an_epoch_trains_on(tmp_path):
     train = Split(_split_of(9, 32, 0).images, labels, ["a", "b"], [str(i) for i in range(9)])
     seed = next(s for s in range(100) if all(4 not in b for b in engine._epoch_batches(train, s, 1, 4)))
     fit(build_model("cnn3", 2, 32), train, _tiny_split(), describe=_describe(), out=tmp_path,
-        device=torch.device("cpu"), seed=seed, config=TrainConfig(epochs=1, batch_size=4, augment="none"))
+        device=torch.device("cpu"), seed=seed, config=TrainConfig(epochs=1, min_steps=0, batch_size=4, augment="none"))
     [row] = load_checkpoint(tmp_path / "last.pt")["history"]
     assert math.isnan(row["train_auroc"]) and math.isfinite(row["train_loss"]) and math.isfinite(row["val_auroc"])
     assert epoch_metrics([0, 1], [[0.8, 0.2], [0.3, 0.7]])["auroc"] == 1.0
