@@ -12,7 +12,7 @@ OUT/crossval.json (per rule: means and standard deviations over folds). --inner-
 k-fold: train on all of a fold's training images and score the last epoch only.
 """
 from lib import cli, crossval, transfer
-from lib.data import load_split
+from lib.data import load_datasets
 from lib.distributed import pick_device
 from lib.files import write_csv, write_json
 from lib.recipe import config_from_args
@@ -39,7 +39,7 @@ def main(args):
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite or args.resume,
                               markers=("crossval.csv", "crossval.json"))
-    labelled = crossval.pool(*(load_split(args.data, split, args.task, source["image_size"],
+    labelled = crossval.pool(*(load_datasets(args.data, split, args.task, source["image_size"],
                                           resize=source.get("resize", "squash"), **cli.load_options(args))
                                for split in ("train", "val")))
     recipe = config_from_args(args, device)
@@ -50,7 +50,7 @@ def main(args):
           f"{device}, amp {'on' if recipe.amp else 'off'}; every epoch runs and is validated on "
           f"{'inner val' if nested else 'the held-out fold'}; the held-out fold chooses nothing")
     describe = transfer.target_describe(source, args.task, labelled.classes, cli.plain_args(args),
-                                        transfer.lineage(args.source, k, source["model"]))
+                                        transfer.lineage(args.source, k, source["model"], args.data))
     records = []
     for fold, (train, heldout) in enumerate(crossval.folds(labelled, args.folds, args.fold_seed), start=1):
         path = out / f"fold-{fold}" / crossval.RECORD

@@ -9,7 +9,8 @@ OUT/metrics.csv and OUT/curves.png.
 import torch
 
 from lib import cli, distributed
-from lib.data import load_split
+from lib.checkpoint import data_lineage
+from lib.data import load_datasets
 from lib.engine import fit, run_report
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
@@ -22,7 +23,7 @@ RECIPE = TrainConfig()
 
 def get_args_parser():
     parser = cli.make_parser(__doc__, epilog=describe_models())
-    cli.add_data_args(parser)
+    cli.add_data_args(parser, several=True)
     parser.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL, metavar="NAME",
                         help="architecture: fastnet, cnn3 or any torchvision classification model (listed below); "
                              "fastnet is the most accurate from scratch at 64 and 128 px alike (README: the 128-px "
@@ -50,8 +51,8 @@ def main(args):
     device = distributed.pick_device(args.device)
     distributed.setup(device)
     out = cli.prepare_out_dir(args.out, overwrite=args.overwrite, resume=args.resume)
-    train = load_split(args.data, "train", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
-    val = load_split(args.data, "val", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
+    train = load_datasets(args.data, "train", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
+    val = load_datasets(args.data, "val", args.task, args.image_size, resize=args.resize, **cli.load_options(args))
     mean, std = (args.mean, args.std) if args.mean else (train.mean, train.std)
     torch.manual_seed(args.seed)
     stem = resolve_stem(args.model, args.image_size, args.stem)
@@ -59,9 +60,9 @@ def main(args):
     config = config_from_args(args, device)
     describe = {"model": args.model, "stem": stem, "task": args.task, "classes": train.classes,
                 "image_size": args.image_size, "resize": args.resize, "mean": mean, "std": std,
-                "args": cli.plain_args(args)}
+                "args": cli.plain_args(args), "lineage": data_lineage(args.data)}
     if args.weights:
-        describe["lineage"] = load_weights(model, args.model, args.weights)
+        describe["lineage"].update(load_weights(model, args.model, args.weights))
     if distributed.is_main():
         print(f"{args.model} on {cli.data_name(args.data, args.task)}: {len(train)} train / {len(val)} val images, "
               f"{len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")

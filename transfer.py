@@ -13,7 +13,7 @@ the others.
 from pathlib import Path
 
 from lib import cli, distributed, ensemble, transfer
-from lib.data import load_split
+from lib.data import load_datasets
 from lib.engine import fit, predict_probs, run_report
 from lib.metrics import epoch_metrics
 from lib.models import stage_count
@@ -73,8 +73,8 @@ def main(args):
     out = Path(args.out)
     run_dirs = _run_dirs(out, [folder for _, _, folder in runs], markers, args.overwrite, args.resume)
     resize = source.get("resize", "squash")
-    train = load_split(args.data, "train", args.task, source["image_size"], resize=resize, **cli.load_options(args))
-    val = load_split(args.data, "val", args.task, source["image_size"], resize=resize, **cli.load_options(args))
+    train = load_datasets(args.data, "train", args.task, source["image_size"], resize=resize, **cli.load_options(args))
+    val = load_datasets(args.data, "val", args.task, source["image_size"], resize=resize, **cli.load_options(args))
     config = config_from_args(args, device)
     if distributed.is_main():
         print(f"{model_name} from {args.source} to {cli.data_name(args.data, args.task)}: {len(train)} train / "
@@ -84,7 +84,7 @@ def main(args):
         label = transfer.freeze_label(k, model_name)
         model, frozen = transfer.build_target(source, args.source, len(train.classes), k, seed)
         describe = transfer.target_describe(source, args.task, train.classes, {**cli.plain_args(args), "seed": seed},
-                                            transfer.lineage(args.source, k, model_name))
+                                            transfer.lineage(args.source, k, model_name, args.data))
         if distributed.is_main():
             print(f"freeze {label} of {stage_count(model_name)} stages{f', seed {seed}' if args.seeds else ''}: "
                   f"{transfer.trainable_params(model):,} trainable parameters -> {run_dir}")

@@ -3,8 +3,9 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 torch.load(path, weights_only=True): a file that would run code on load is refused.
 Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes,
-image_size, mean, std, args, epoch, metrics, state_dict; lineage for transferred models
-(lib.transfer) and those started from a weights file (lib.weights);
+image_size, mean, std, args, epoch, metrics, state_dict; lineage: the datasets trained on
+(data_lineage), and for transferred models the source (lib.transfer), for those started from a
+weights file the file (lib.weights);
 selection in OUT/model.pt (which rule chose it); ensemble in an ensemble checkpoint (lib.ensemble:
 its state_dict holds every member's weights). OUT/last.pt adds history and `training`, the
 state a resumed run continues from (training_state / restore_training_state).
@@ -98,8 +99,17 @@ def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
 
 
 def data_location(data):
-    """--data as a comparable value: 'demo', or the folder's resolved path."""
+    """--data as a comparable value: 'demo', or the folder's resolved path; several datasets (a list)
+    as a list of those (one dataset in a list is that dataset)."""
+    if isinstance(data, (list, tuple)):
+        return data_location(data[0]) if len(data) == 1 else [data_location(part) for part in data]
     return data if data in (None, "demo") else str(Path(data).resolve())
+
+
+def data_lineage(data):
+    """The lineage entry of the data a run trained on: {"data": [each dataset's data_location]}."""
+    locations = data_location(data)
+    return {"data": locations if isinstance(locations, list) else [locations]}
 
 
 def training_state(model, ema, optimizer, scheduler, scaler, selector, best_val_probs):

@@ -63,14 +63,29 @@ def unit_interval(text):
     return value
 
 
-def add_data_args(parser, image_size=True, data_required=True):
+class OneOrMore(argparse.Action):
+    """nargs="+" that keeps one value as it is (a str, as every reader of a checkpoint's args expects)
+    and several as a list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
+def add_data_args(parser, image_size=True, data_required=True, several=False):
     """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
-    data_required=False for scripts that can read image files instead."""
+    data_required=False for scripts that can read image files instead; several=True for scripts
+    that train on several datasets at once (args.data is then a list: lib.data.load_datasets)."""
     from lib.pixel_cache import default_folder  # not at the top: predict.py needs neither it nor tqdm
 
     group = parser.add_argument_group("data")
-    group.add_argument("--data", required=data_required,
-                       help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
+    if several:
+        group.add_argument("--data", required=data_required, nargs="+", action=OneOrMore, metavar="DIR",
+                           help="dataset folder(s) (CSV or ImageFolder layout), or 'demo' for the built-in "
+                                "synthetic set; several are combined: the same split of each, classes matched "
+                                "by name in the first one's order, each decoded at the same size")
+    else:
+        group.add_argument("--data", required=data_required,
+                           help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
     group.add_argument("--task", choices=["source", "target"],
                        help="which task's rows to use (needed for the CSV layout, unused for ImageFolder)")
     if image_size:
@@ -92,8 +107,9 @@ def add_data_args(parser, image_size=True, data_required=True):
 
 
 def data_name(data, task):
-    """--data and --task as the first line of a run names them (ImageFolder data has no task)."""
-    return f"{data}, task {task}" if task else str(data)
+    """--data (one or a list) and --task as the first line of a run names them (ImageFolder data has no task)."""
+    data = " + ".join(map(str, data)) if isinstance(data, (list, tuple)) else str(data)
+    return f"{data}, task {task}" if task else data
 
 
 def add_max_pixels_arg(group, default):

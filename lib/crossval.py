@@ -103,9 +103,15 @@ def inner_split(split, fraction, seed):
 def check_source(source, path, task, data):
     """Refuse a source trained on this very task and data: every held-out image would already
     have shaped the model, and the held-out scores would be flattered."""
-    if source.get("task") == task and data_location((source.get("args") or {}).get("data")) == data_location(data):
+    if source.get("task") == task and _locations((source.get("args") or {}).get("data")) & _locations(data):
         raise UserError(f"--source {path}: was trained on {cli.data_name(data, task)} itself, so every held-out "
                         f"image already shaped it; cross-validate from a source trained on another task")
+
+
+def _locations(data):
+    """The set of dataset folders a --data value (one or a list) names."""
+    locations = data_location(data)
+    return set(locations) if isinstance(locations, list) else {locations}
 
 
 def run_fold(fold, train, val, heldout, *, source, source_path, k, describe, recipe, out, device, seed, settings):
