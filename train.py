@@ -8,7 +8,7 @@ OUT/metrics.csv and OUT/curves.png.
 """
 import torch
 
-from lib import cli, distributed
+from lib import cli, distributed, unlabelled
 from lib.checkpoint import data_lineage
 from lib.data import load_datasets
 from lib.engine import fit, run_report
@@ -61,6 +61,10 @@ def main(args):
     describe = {"model": args.model, "stem": stem, "task": args.task, "classes": train.classes,
                 "image_size": args.image_size, "resize": args.resize, "mean": mean, "std": std,
                 "args": cli.plain_args(args), "lineage": data_lineage(args.data)}
+    fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, args.image_size, args.resize, config,
+                                **cli.load_options(args))
+    if fixmatch:
+        describe["unlabelled"] = fixmatch.entry
     if args.weights:
         describe["lineage"].update(load_weights(model, args.model, args.weights))
     if distributed.is_main():
@@ -69,8 +73,10 @@ def main(args):
         print(f"weights: {'from ' + args.weights + ' (all but the head)' if args.weights else 'random'}; "
               f"normalising with mean {_triple(mean)} std {_triple(std)} "
               f"({'--mean/--std' if args.mean else 'the training split'})")
+        if fixmatch:
+            print(fixmatch.summary())
     history = fit(model, train, val, describe=describe, config=config, out=out, device=device,
-                  seed=args.seed, resume=args.resume)
+                  seed=args.seed, resume=args.resume, unlabelled=fixmatch)
     if distributed.is_main():
         plot_curves(history, out / "curves.png")
         print(run_report(out, history, config))

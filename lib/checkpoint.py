@@ -190,6 +190,9 @@ RESUME_MUST_MATCH = (
     ("--sampler", _arg("sampler", "shuffle")),
     ("--ema", _arg("ema")),
     ("--select-metric", _arg("select_metric")),
+    ("--unlabelled", _arg("unlabelled")),
+    ("--unlabelled-weight", _arg("unlabelled_weight", 1.0)),
+    ("--threshold", _arg("threshold", 0.95)),
     ("--seed", _arg("seed")),
 )
 # A transferred run takes these from its --source checkpoint: there they are --source's to answer for.

@@ -71,6 +71,13 @@ class OneOrMore(argparse.Action):
         setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
 
 
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def add_data_args(parser, image_size=True, data_required=True, several=False):
     """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
     data_required=False for scripts that can read image files instead; several=True for scripts
@@ -169,6 +176,14 @@ def add_training_args(parser, defaults):
     group.add_argument("--sampler", choices=list(SAMPLERS), default=defaults.sampler,
                        help="shuffle: every image once per epoch; balanced: as many images drawn with probability "
                             "inverse to their class's count (rare ones repeat), so classes come equally often")
+    group.add_argument("--unlabelled", metavar="DIR_OR_challenge",
+                       help="also learn from unlabelled photos (FixMatch: a confident prediction on a lightly "
+                            "augmented view is the label a strongly augmented view learns): 'challenge' for that "
+                            "partition of --data, or a folder of photos (subfolders included); None: off")
+    group.add_argument("--unlabelled-weight", type=non_negative_float, default=defaults.unlabelled_weight,
+                       help="with --unlabelled: weight of the unlabelled photos' loss beside the labelled one")
+    group.add_argument("--threshold", type=probability, default=defaults.threshold,
+                       help="with --unlabelled: the top probability a prediction needs to become a pseudo-label")
     group.add_argument("--patience", type=positive_int, default=defaults.patience,
                        help="stop after this many epochs without a better validation score, once the learning "
                             "rate is down to a quarter of its peak (or falls no further); None: run every epoch")

@@ -114,8 +114,9 @@ def _locations(data):
     return set(locations) if isinstance(locations, list) else {locations}
 
 
-def run_fold(fold, train, val, heldout, *, source, source_path, k, describe, recipe, out, device, seed, settings):
-    """Train one fold (every epoch runs and is validated) and return its record.
+def run_fold(fold, train, val, heldout, *, source, source_path, k, describe, recipe, out, device, seed, settings,
+             unlabelled=None):
+    """Train one fold (every epoch runs and is validated) and return its record; unlabelled: fit's.
 
     settings: the cross-validation's own settings (folds, fold seed, inner-val share), kept in
     the record so --resume can tell whether a finished fold still belongs to this command."""
@@ -129,7 +130,7 @@ def run_fold(fold, train, val, heldout, *, source, source_path, k, describe, rec
     history = fit(model, train, val, describe=describe, config=replace(recipe, patience=None, eval_every=1),
                   out=out, device=device, seed=seed,
                   param_groups=transfer.param_groups(model, describe["model"], recipe.lr_backbone),
-                  frozen_modules=frozen, monitor=monitor)
+                  frozen_modules=frozen, monitor=monitor, unlabelled=unlabelled)
     epochs = sorted(heldout_probs)
     heldout_tflop = len(epochs) * len(heldout) * flops.inference_flops(model, describe["image_size"]) / 1e12
     return {"format": RECORD_FORMAT, "fold": fold, **settings, "describe": describe, "config": asdict(recipe),

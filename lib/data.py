@@ -333,3 +333,28 @@ def remap_labels(labels, from_classes, to_classes):
     """labels (N,) int64 indexing from_classes, as indices into to_classes (the same names)."""
     mapping = torch.tensor([to_classes.index(name) for name in from_classes], dtype=torch.int64)
     return mapping[labels]
+
+
+def load_photo_folder(folder, image_size=64, skip_bad_images=False, *, resize="squash",
+                      max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
+    """Every image in `folder` and its subfolders (sorted; hidden files and folders left out), as an
+    unlabelled Split of uint8 (N, 3, image_size, image_size) images; decoded and cached as load_split
+    does (same keyword arguments). Raises UserError for a missing folder or one without images."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--unlabelled {folder}: no such folder (give a folder of photos, or 'challenge')")
+    root = root.resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p)
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise UserError(f"--unlabelled {folder}: no images in it or its subfolders "
+                        "(lib.images.IMAGE_SUFFIXES lists the extensions read)")
+    check_resize(resize)
+    pixels = load_pixels(files, Decoding(image_size, resize, max_pixels), cache_dir,
+                         identity=f"{root}|photos", label=f"{root.name} photos")
+    if pixels.skipped and not skip_bad_images:
+        raise BadImageError(f"{pixels.skipped[0]}; --skip-bad-images leaves unreadable images out")
+    if not pixels.kept:
+        raise UserError(f"--unlabelled {folder}: no readable images among {len(files)} file(s)")
+    names = [str(files[i].relative_to(root)) for i in pixels.kept]
+    return Split(torch.from_numpy(pixels.images), None, [], names, pixels.mean, pixels.std)
