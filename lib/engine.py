@@ -208,8 +208,8 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     validated epoch with the validated weights (crossval.py predicts its held-out fold there;
     nothing it does feeds back into training). unlabelled (lib.unlabelled.FixMatch) or None adds
     its views of unlabelled photos to every step's batch and its loss to the step's loss; the
-    share of those photos it used is each epoch's `unlabelled_used`. Writes best.pt, last.pt, metrics.csv and, at
-    the end, model.pt (lib.selection). Returns the history, a list of per-epoch metric dicts.
+    share of those photos it used is each epoch's `unlabelled_used`. Writes best.pt, last.pt,
+    metrics.csv and, at the end, model.pt (lib.selection). Returns the history, a list of per-epoch metric dicts.
     """
     out = Path(out)
     mean, std, image_size = describe["mean"], describe["std"], train.images.shape[-1]

@@ -52,7 +52,7 @@ def setup(value, datasets, task, image_size, resize, config, **options):
         return None
     where = data_location(datasets) if value == CHALLENGE else data_location(value)
     entry = {"photos": value, "data": where, "images": len(split), "threshold": config.threshold,
-             "weight": config.unlabelled_weight}
+             "weight": config.unlabelled_weight, "weak": WEAK, "strong": STRONG}
     return FixMatch(split, config.unlabelled_weight, config.threshold, entry)
 
 

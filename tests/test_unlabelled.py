@@ -36,7 +36,7 @@ def test_challenge_photos_share_used_and_threshold_in_log_and_checkpoint(demo_da
     assert metrics_column(tmp_path / "all" / "metrics.csv", "unlabelled_used") == [1.0, 1.0]
     entry = load_checkpoint(tmp_path / "all" / "model.pt")["unlabelled"]
     assert entry == {"photos": "challenge", "data": str(demo_data.resolve()), "images": 20, "threshold": 0.0,
-                     "weight": 0.5}
+                     "weight": 0.5, "weak": "light", "strong": "strong"}
     # A barely trained network is never certain: at threshold 1 no pseudo-label counts.
     run_main("train.py", *common, "--threshold", "1", "--out", tmp_path / "none")
     assert metrics_column(tmp_path / "none" / "metrics.csv", "unlabelled_used") == [0.0, 0.0]
