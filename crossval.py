@@ -11,8 +11,8 @@ images at the epoch it picks. Writes OUT/crossval.csv (one row per rule and fold
 OUT/crossval.json (per rule: means and standard deviations over folds). --inner-val 0 is plain
 k-fold: train on all of a fold's training images and score the last epoch only.
 """
-from lib import cli, crossval, transfer
-from lib.data import load_split
+from lib import cli, crossval, transfer, unlabelled
+from lib.data import load_datasets
 from lib.distributed import pick_device
 from lib.files import write_csv, write_json
 from lib.recipe import config_from_args
@@ -39,7 +39,7 @@ def main(args):
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
     out = cli.prepare_out_dir(args.out, ("crossval.csv", "crossval.json", "fold-*"),
                               overwrite=args.overwrite or args.resume)
-    labelled = crossval.pool(*(load_split(args.data, split, args.task, source["image_size"],
+    labelled = crossval.pool(*(load_datasets(args.data, split, args.task, source["image_size"],
                                           resize=source.get("resize", "squash"), **cli.load_options(args))
                                for split in ("train", "val")))
     recipe = config_from_args(args, device)
@@ -50,7 +50,12 @@ def main(args):
           f"{device}, amp {'on' if recipe.amp else 'off'}; every epoch runs and is validated on "
           f"{'inner val' if nested else 'the held-out fold'}; the held-out fold chooses nothing")
     describe = transfer.target_describe(source, args.task, labelled.classes, cli.plain_args(args),
-                                        transfer.lineage(args.source, k, source["model"]))
+                                        transfer.lineage(args.source, k, source["model"], args.data))
+    fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, source["image_size"],
+                                source.get("resize", "squash"), recipe, **cli.load_options(args))
+    if fixmatch:
+        describe["unlabelled"] = fixmatch.entry
+        print(fixmatch.summary())
     records = []
     for fold, (train, heldout) in enumerate(crossval.folds(labelled, args.folds, args.fold_seed), start=1):
         path = out / f"fold-{fold}" / crossval.RECORD
@@ -63,7 +68,7 @@ def main(args):
         run_dir = cli.prepare_out_dir(out / f"fold-{fold}", cli.RUN_OUTPUTS, overwrite=True)
         records.append(crossval.run_fold(fold, inner_train, val, heldout, source=source, source_path=args.source,
                                          k=k, describe=describe, recipe=recipe, out=run_dir, device=device,
-                                         seed=args.seed, settings=settings))
+                                         seed=args.seed, settings=settings, unlabelled=fixmatch))
         crossval.save_record(records[-1], path)
         print(f"fold {fold}/{args.folds}: {len(inner_train)} train / {len(val)} val / {len(heldout)} held-out "
               f"images -> {path}")

@@ -10,8 +10,9 @@ OUT/metrics.csv and OUT/curves.png.
 """
 import torch
 
-from lib import cli, distributed, weights
-from lib.data import load_split
+from lib import cli, distributed, unlabelled, weights
+from lib.checkpoint import data_lineage
+from lib.data import load_datasets
 from lib.engine import fit, run_report
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
@@ -23,7 +24,7 @@ RECIPE = TrainConfig()
 
 def get_args_parser():
     parser = cli.make_parser(__doc__, epilog=describe_models())
-    cli.add_data_args(parser, size_from_weights=True)
+    cli.add_data_args(parser, size_from_weights=True, several=True)
     parser.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL, metavar="NAME",
                         help="architecture: fastnet, cnn3 or any torchvision classification model (listed below); "
                              "fastnet is the most accurate from scratch at 64 and 128 px alike (README: the 128-px "
@@ -57,8 +58,8 @@ def main(args):
     start = weights.open_weights(args.model, args.weights) if args.weights else None
     out = cli.prepare_out_dir(args.out, cli.RUN_OUTPUTS, overwrite=args.overwrite, resume=args.resume)
     image_size, size_reason = weights.image_size_for(args.image_size, start, cli.DEFAULT_IMAGE_SIZE)
-    train = load_split(args.data, "train", args.task, image_size, resize=args.resize, **cli.load_options(args))
-    val = load_split(args.data, "val", args.task, image_size, resize=args.resize, **cli.load_options(args))
+    train = load_datasets(args.data, "train", args.task, image_size, resize=args.resize, **cli.load_options(args))
+    val = load_datasets(args.data, "val", args.task, image_size, resize=args.resize, **cli.load_options(args))
     mean, std, whose = weights.normalisation(args.mean, args.std, start, train)
     torch.manual_seed(args.seed)
     stem = resolve_stem(args.model, image_size, args.stem)
@@ -66,17 +67,23 @@ def main(args):
     config = config_from_args(args, device)
     describe = {"model": args.model, "stem": stem, "task": args.task, "classes": train.classes,
                 "image_size": image_size, "resize": args.resize, "mean": mean, "std": std,
-                "args": {**cli.plain_args(args), "image_size": image_size}}
+                "args": {**cli.plain_args(args), "image_size": image_size}, "lineage": data_lineage(args.data)}
+    fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, image_size, args.resize, config,
+                                **cli.load_options(args))
+    if fixmatch:
+        describe["unlabelled"] = fixmatch.entry
     if start:
-        describe["lineage"] = weights.load_weights(model, args.model, start)
+        describe["lineage"].update(weights.load_weights(model, args.model, start))
     if distributed.is_main():
         print(f"{args.model} on {cli.data_name(args.data, args.task)}: {len(train)} train / {len(val)} val images, "
               f"{len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")
         print(f"image size {image_size} px ({size_reason})")
         print(f"weights: {start.described + ' (all but the head)' if start else 'random'}; "
               f"normalising with mean {_triple(mean)} std {_triple(std)} ({whose})")
+        if fixmatch:
+            print(fixmatch.summary())
     history = fit(model, train, val, describe=describe, config=config, out=out, device=device,
-                  seed=args.seed, resume=args.resume)
+                  seed=args.seed, resume=args.resume, unlabelled=fixmatch)
     if distributed.is_main():
         plot_curves(history, out / "curves.png")
         print(run_report(out, history, config))

@@ -12,8 +12,8 @@ the others.
 """
 from pathlib import Path
 
-from lib import cli, distributed, ensemble, transfer
-from lib.data import load_split
+from lib import cli, distributed, ensemble, transfer, unlabelled
+from lib.data import load_datasets
 from lib.engine import fit, predict_probs, run_report
 from lib.metrics import epoch_metrics
 from lib.models import stage_count
@@ -73,24 +73,30 @@ def main(args):
     out = Path(args.out)
     run_dirs = _run_dirs(out, [folder for _, _, folder in runs], outputs, args.overwrite, args.resume)
     resize = source.get("resize", "squash")
-    train = load_split(args.data, "train", args.task, source["image_size"], resize=resize, **cli.load_options(args))
-    val = load_split(args.data, "val", args.task, source["image_size"], resize=resize, **cli.load_options(args))
+    train = load_datasets(args.data, "train", args.task, source["image_size"], resize=resize, **cli.load_options(args))
+    val = load_datasets(args.data, "val", args.task, source["image_size"], resize=resize, **cli.load_options(args))
     config = config_from_args(args, device)
+    fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, source["image_size"], resize, config,
+                                **cli.load_options(args))
     if distributed.is_main():
         print(f"{model_name} from {args.source} to {cli.data_name(args.data, args.task)}: {len(train)} train / "
               f"{len(val)} val images, {len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")
+        if fixmatch:
+            print(fixmatch.summary())
     rows, histories = [], []
     for (k, seed, _), (run_dir, resume) in zip(runs, run_dirs):
         label = transfer.freeze_label(k, model_name)
         model, frozen = transfer.build_target(source, args.source, len(train.classes), k, seed)
         describe = transfer.target_describe(source, args.task, train.classes, {**cli.plain_args(args), "seed": seed},
-                                            transfer.lineage(args.source, k, model_name))
+                                            transfer.lineage(args.source, k, model_name, args.data))
+        if fixmatch:
+            describe["unlabelled"] = fixmatch.entry
         if distributed.is_main():
             print(f"freeze {label} of {stage_count(model_name)} stages{f', seed {seed}' if args.seeds else ''}: "
                   f"{transfer.trainable_params(model):,} trainable parameters -> {run_dir}")
         fit(model, train, val, describe=describe, config=config, out=run_dir, device=device,
             seed=seed, param_groups=transfer.param_groups(model, model_name, args.lr_backbone),
-            frozen_modules=frozen, resume=resume)
+            frozen_modules=frozen, resume=resume, unlabelled=fixmatch)
         if distributed.is_main():
             row, history = transfer.run_summary(label, model, run_dir)
             rows.append(row)

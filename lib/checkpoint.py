@@ -3,8 +3,9 @@
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 torch.load(path, weights_only=True): a file that would run code on load is refused.
 Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes,
-image_size, mean, std, args, epoch, metrics, state_dict; lineage for transferred models
-(lib.transfer) and those started from a weights file (lib.weights);
+image_size, mean, std, args, epoch, metrics, state_dict; lineage: the datasets trained on
+(data_lineage), and for transferred models the source (lib.transfer), for those started from a
+weights file the file (lib.weights);
 selection in OUT/model.pt (which rule chose it); ensemble in an ensemble checkpoint (lib.ensemble:
 its state_dict holds every member's weights). OUT/last.pt adds history and `training`, the
 state a resumed run continues from (training_state / restore_training_state).
@@ -122,10 +123,19 @@ def _state_dict_mismatch(error, limit=300):
 
 def data_location(data):
     """--data as a comparable value: the folder's resolved real path, the demo dataset's folder for
-    'demo' (however --data was written, the same folder is the same value); None for None."""
+    'demo' (however --data was written, the same folder is the same value); None for None; several
+    datasets (a list) as a list of those (one dataset in a list is that dataset)."""
+    if isinstance(data, (list, tuple)):
+        return data_location(data[0]) if len(data) == 1 else [data_location(part) for part in data]
     if data is None:
         return None
     return str(Path(demo_root() if str(data) == "demo" else data).resolve())
+
+
+def data_lineage(data):
+    """The lineage entry of the data a run trained on: {"data": [each dataset's data_location]}."""
+    locations = data_location(data)
+    return {"data": locations if isinstance(locations, list) else [locations]}
 
 
 def training_state(model, ema, optimizer, scheduler, scaler, selector, best_val_probs):
@@ -213,7 +223,10 @@ def _legacy_defaults():
     """What a run from before a flag existed ran with: the flag's default (every flag added since
     format 2 defaults to what runs did before it). A flag missing here and from an older run's
     args is unknown there, and differs from any value."""
-    return {**asdict(TrainConfig()), "max_image_pixels": DEFAULT_MAX_PIXELS, "mean": None, "std": None}
+    return {**asdict(TrainConfig()), "max_image_pixels": DEFAULT_MAX_PIXELS, "mean": None, "std": None,
+            "unlabelled": None,
+            # Runs from before these flags had no step floor and averaged BatchNorm statistics.
+            "min_steps": 0, "ema_bn_images": 0}
 
 
 def _flag(key):

@@ -86,13 +86,36 @@ def unit_interval(text):
 DEFAULT_IMAGE_SIZE = 64
 
 
-def add_data_args(parser, image_size=True, data_required=True, size_from_weights=False):
+class OneOrMore(argparse.Action):
+    """nargs="+" that keeps one value as it is (a str, as every reader of a checkpoint's args expects)
+    and several as a list."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values[0] if len(values) == 1 else list(values))
+
+
+def probability(text):
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def add_data_args(parser, image_size=True, data_required=True, size_from_weights=False, several=False):
     """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
     data_required=False for scripts that can read image files instead; size_from_weights: the
-    --image-size default is None, for the script to choose (train.py: published weights' size)."""
+    --image-size default is None, for the script to choose (train.py: published weights' size);
+    several=True for scripts that train on several datasets at once (args.data is then a list:
+    lib.data.load_datasets)."""
     group = parser.add_argument_group("data")
-    group.add_argument("--data", required=data_required,
-                       help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
+    if several:
+        group.add_argument("--data", required=data_required, nargs="+", action=OneOrMore, metavar="DIR",
+                           help="dataset folder(s) (CSV or ImageFolder layout), or 'demo' for the built-in "
+                                "synthetic set; several are combined: the same split of each, classes matched "
+                                "by name in the first one's order, each decoded at the same size")
+    else:
+        group.add_argument("--data", required=data_required,
+                           help="dataset folder (CSV or ImageFolder layout), or 'demo' for the built-in synthetic set")
     group.add_argument("--task", choices=["source", "target"],
                        help="which task's rows to use (needed for the CSV layout, unused for ImageFolder)")
     if image_size:
@@ -127,8 +150,9 @@ def add_loading_args(group, from_checkpoint=False):
 
 
 def data_name(data, task):
-    """--data and --task as the first line of a run names them (ImageFolder data has no task)."""
-    return f"{data}, task {task}" if task else str(data)
+    """--data (one or a list) and --task as the first line of a run names them (ImageFolder data has no task)."""
+    data = " + ".join(map(str, data)) if isinstance(data, (list, tuple)) else str(data)
+    return f"{data}, task {task}" if task else data
 
 
 def add_max_pixels_arg(group, default, more_help=""):
@@ -194,6 +218,14 @@ def add_training_args(parser, defaults):
     group.add_argument("--sampler", choices=list(SAMPLERS), default=defaults.sampler,
                        help="shuffle: every image once per epoch; balanced: as many images drawn with probability "
                             "inverse to their class's count (rare ones repeat), so classes come equally often")
+    group.add_argument("--unlabelled", metavar="DIR_OR_challenge",
+                       help="also learn from unlabelled photos (FixMatch: a confident prediction on a lightly "
+                            "augmented view is the label a strongly augmented view learns): 'challenge' for that "
+                            "partition of --data, or a folder of photos (subfolders included); None: off")
+    group.add_argument("--unlabelled-weight", type=non_negative_float, default=defaults.unlabelled_weight,
+                       help="with --unlabelled: weight of the unlabelled photos' loss beside the labelled one")
+    group.add_argument("--threshold", type=probability, default=defaults.threshold,
+                       help="with --unlabelled: the top probability a prediction needs to become a pseudo-label")
     group.add_argument("--patience", type=positive_int_or_none, default=defaults.patience, metavar="N|none",
                        help="stop after this many epochs without a better validation score, once the learning "
                             "rate is down to a quarter of its peak (or falls no further); none: never stop early, "

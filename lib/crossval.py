@@ -27,7 +27,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from lib import cli, flops, transfer
 from lib.checkpoint import data_location, resume_mismatches, save_checkpoint
-from lib.data import ImageRows, Split, detect_layout, match_classes, resolve_data_dir
+from lib.data import ImageRows, Split, detect_layout, match_classes
 from lib.engine import fit, predict_probs
 from lib.errors import UserError
 from lib.metrics import epoch_metrics
@@ -103,18 +103,26 @@ def inner_split(split, fraction, seed):
 def check_source(source, path, task, data):
     """Refuse a source trained on this very task and data: every held-out image would already
     have shaped the model, and the held-out scores would be flattered. The data is compared by
-    what it is (the folder's real path, the task only where the CSV layout has tasks), not by
-    how --data and --task were written."""
-    if data_location((source.get("args") or {}).get("data")) != data_location(data):
+    what it is (each folder's real path, the task only where the CSV layout has tasks), not by
+    how --data and --task were written; several datasets refuse when any of them is shared."""
+    shared = _locations((source.get("args") or {}).get("data")) & _locations(data)
+    if not shared:
         return
     # An ImageFolder dataset has one task, whatever --task said when the source was trained.
-    if source.get("task") == task or detect_layout(resolve_data_dir(data)) == "imagefolder":
+    if source.get("task") == task or any(detect_layout(Path(place)) == "imagefolder" for place in shared):
         raise UserError(f"--source {path}: was trained on {cli.data_name(data, task)} itself, so every held-out "
                         f"image already shaped it; cross-validate from a source trained on another task")
 
 
-def run_fold(fold, train, val, heldout, *, source, source_path, k, describe, recipe, out, device, seed, settings):
-    """Train one fold (every epoch runs and is validated) and return its record.
+def _locations(data):
+    """The set of dataset folders a --data value (one or a list) names."""
+    locations = data_location(data)
+    return set(locations) if isinstance(locations, list) else {locations}
+
+
+def run_fold(fold, train, val, heldout, *, source, source_path, k, describe, recipe, out, device, seed, settings,
+             unlabelled=None):
+    """Train one fold (every epoch runs and is validated) and return its record; unlabelled: fit's.
 
     settings: the cross-validation's own settings (folds, fold seed, inner-val share), kept in
     the record so --resume can tell whether a finished fold still belongs to this command."""
@@ -128,7 +136,7 @@ def run_fold(fold, train, val, heldout, *, source, source_path, k, describe, rec
     history = fit(model, train, val, describe=describe, config=replace(recipe, patience=None, eval_every=1),
                   out=out, device=device, seed=seed,
                   param_groups=transfer.param_groups(model, describe["model"], recipe.lr_backbone),
-                  frozen_modules=frozen, monitor=monitor)
+                  frozen_modules=frozen, monitor=monitor, unlabelled=unlabelled)
     epochs = sorted(heldout_probs)
     heldout_tflop = len(epochs) * len(heldout) * flops.inference_flops(model, describe["image_size"]) / 1e12
     return {"format": RECORD_FORMAT, "fold": fold, **settings, "describe": describe, "config": asdict(recipe),

@@ -283,3 +283,96 @@ def match_classes(split, classes, where):
         return split
     order = torch.tensor(class_order(split.classes, classes, where))
     return replace(split, labels=None if split.labels is None else order[split.labels], classes=list(classes))
+
+
+def load_datasets(datasets, split, task=None, image_size=64, skip_bad_images=False, **options):
+    """`split` of one dataset (a --data value) or of several (a list of them) as one Split.
+
+    Each dataset is loaded by load_split (decoded and cached on its own, at image_size) and the
+    Splits are joined by combine_splits. options: load_split's keyword arguments. Raises
+    UserError for a dataset given twice, or classes that do not match by name."""
+    if not isinstance(datasets, (list, tuple)):
+        return load_split(datasets, split, task, image_size, skip_bad_images, **options)
+    check_distinct(datasets)
+    parts = [load_split(data, split, task, image_size, skip_bad_images, **options) for data in datasets]
+    return combine_splits(parts, [str(data) for data in datasets])
+
+
+def check_distinct(datasets):
+    """Refuse a dataset given twice (its images would count double)."""
+    seen = {}
+    for data in datasets:
+        where = data if str(data) == "demo" else resolve_data_dir(data).resolve()
+        if where in seen:
+            raise UserError(f"--data {data}: the same dataset as {seen[where]}; give each dataset once")
+        seen[where] = data
+
+
+def combine_splits(parts, names):
+    """One Split of several (the same split of several datasets), rows in the order given.
+
+    Classes are matched by name and take the first Split's order (a CSV orders them by
+    numeric_label, an ImageFolder alphabetically), so the others' labels are remapped. The images
+    are not copied: an ImageRows over each Split's memory-mapped tensor. Filenames get their
+    dataset's folder name in front (NAME/filename), mean and std are computed over all rows.
+    Unlabelled Splits (labels None) combine without a class check. names: each part's --data,
+    for errors. Raises UserError for a class in one dataset only, or a dataset sharing no class
+    (another task's), or labelled and unlabelled Splits mixed."""
+    labelled = [part.labels is not None for part in parts]
+    if any(labelled) and not all(labelled):
+        raise UserError(f"--data {names[labelled.index(False)]}: unlabelled, while "
+                        f"{names[labelled.index(True)]} is labelled; combine datasets of one kind")
+    classes = list(parts[0].classes)
+    labels = None
+    if all(labelled):
+        for part, name in zip(parts[1:], names[1:]):
+            check_class_names(classes, names[0], part.classes, name)
+        labels = torch.cat([remap_labels(part.labels, part.classes, classes) for part in parts])
+    filenames = [f"{Path(name).name}/{filename}" for part, name in zip(parts, names) for filename in part.filenames]
+    images = ImageRows([part.images for part in parts])
+    mean, std = channel_stats(images)
+    return Split(images, labels, classes, filenames, mean, std)
+
+
+def check_class_names(classes, name, other_classes, other_name):
+    """The two datasets must name the same classes (in any order); the error names the odd one out."""
+    if set(classes) == set(other_classes):
+        return
+    if not set(classes) & set(other_classes):
+        raise UserError(f"--data {other_name}: none of its classes ({', '.join(other_classes)}) is one of "
+                        f"{name}'s ({', '.join(classes)}): a dataset of another task")
+    only_here = [c for c in classes if c not in other_classes]
+    odd, where = (only_here[0], name) if only_here else \
+        (next(c for c in other_classes if c not in classes), other_name)
+    raise UserError(f"--data: class {odd!r} is in {where} only; combined datasets must name the same classes")
+
+
+def remap_labels(labels, from_classes, to_classes):
+    """labels (N,) int64 indexing from_classes, as indices into to_classes (the same names)."""
+    mapping = torch.tensor([to_classes.index(name) for name in from_classes], dtype=torch.int64)
+    return mapping[labels]
+
+
+def load_photo_folder(folder, image_size=64, skip_bad_images=False, *, resize="squash",
+                      max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
+    """Every image in `folder` and its subfolders (sorted; hidden files and folders left out), as an
+    unlabelled Split of uint8 (N, 3, image_size, image_size) images; decoded and cached as load_split
+    does (same keyword arguments). Raises UserError for a missing folder or one without images."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"--unlabelled {folder}: no such folder (give a folder of photos, or 'challenge')")
+    root = root.resolve()
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_image_name(p)
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise UserError(f"--unlabelled {folder}: no images in it or its subfolders "
+                        "(lib.images.IMAGE_SUFFIXES lists the extensions read)")
+    check_resize(resize)
+    pixels = load_pixels(files, Decoding(image_size, resize, max_pixels), cache_dir,
+                         identity=f"{root}|photos", label=f"{root.name} photos")
+    if pixels.skipped and not skip_bad_images:
+        raise BadImageError(f"{pixels.skipped[0]}; --skip-bad-images leaves unreadable images out")
+    if not pixels.kept:
+        raise UserError(f"--unlabelled {folder}: no readable images among {len(files)} file(s)")
+    names = [str(files[i].relative_to(root)) for i in pixels.kept]
+    return Split(torch.from_numpy(pixels.images), None, [], names, pixels.mean, pixels.std)

@@ -227,7 +227,7 @@ def check_input_sizes(model, frozen_modules, name, config, image_size, smallest_
 
 
 def fit(model, train, val, *, describe, config, out, device, seed, param_groups=None,
-        frozen_modules=(), resume=False, monitor=None):
+        frozen_modules=(), resume=False, monitor=None, unlabelled=None):
     """Train `model` on the `train` Split, select on `val`, and write checkpoints into `out`.
 
     describe: the self-describing part of every checkpoint (model, classes, image size,
@@ -236,8 +236,10 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     With config.ema the exponential moving average of the weights is what is validated and
     saved. monitor(epoch, model), if given, is called on the main process after every
     validated epoch with the validated weights (crossval.py predicts its held-out fold there;
-    nothing it does feeds back into training). Writes best.pt, last.pt, metrics.csv and, at
-    the end, model.pt (lib.selection). Returns the history, a list of per-epoch metric dicts.
+    nothing it does feeds back into training). unlabelled (lib.unlabelled.FixMatch) or None adds
+    its views of unlabelled photos to every step's batch and its loss to the step's loss; the
+    share of those photos it used is each epoch's `unlabelled_used`. Writes best.pt, last.pt,
+    metrics.csv and, at the end, model.pt (lib.selection). Returns the history, a list of per-epoch metric dicts.
     """
     out = Path(out)
     mean, std, image_size = describe["mean"], describe["std"], train.images.shape[-1]
@@ -312,7 +314,8 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             size = train_size(epoch, config.epochs, config.min_size, image_size)
             batches = _epoch_batches(train, seed, epoch, config.batch_size, config.sampler, passes)
             train_stats, lr = _train_epoch(net, model, ema, frozen_modules, train, batches, mean, std, config,
-                                           optimizer, scheduler, scaler, seed, device, epoch, size, weights, mixer)
+                                           optimizer, scheduler, scaler, seed, device, epoch, size, weights, mixer,
+                                           unlabelled)
             distributed.average_buffers(model)
             if ema:
                 distributed.average_buffers(ema.module)
@@ -329,11 +332,13 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                 recall = per_class_recall(val.labels, val_probs, val.classes)
             else:
                 val_stats = {key: None for key in train_stats}
-            tflop = compute.epoch(sum(len(b) for b in batches) * distributed.world_size(), size,
-                                  (len(val) + reestimated) if validate else 0) / 1e12
+            # Each unlabelled photo of a step is two more training images (its weak and strong views).
+            trained = sum(len(b) for b in batches) * distributed.world_size() * (3 if unlabelled else 1)
+            tflop = compute.epoch(trained, size, (len(val) + reestimated) if validate else 0) / 1e12
             row = {"epoch": epoch, "size": size, "passes": passes,
                    **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items()},
+                   **({"unlabelled_used": unlabelled.share_used()} if unlabelled else {}),
                    "lr": lr, "seconds": time.perf_counter() - started, "tflop": tflop,
                    "total_tflop": tflop + (history[-1]["total_tflop"] if history else 0.0)}
             history.append(row)
@@ -361,8 +366,9 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                     monitor(epoch, evaluated)
                 scores = (f"val loss {row['val_loss']:.3f} acc {row['val_accuracy']:.3f} "
                           f"auroc {row['val_auroc']:.4f}" if validate else "(not validated)")
+                used = f"  unlabelled used {row['unlabelled_used']:.0%}" if unlabelled else ""
                 print(f"epoch {epoch:3d}/{config.epochs}  {size}px  train loss {row['train_loss']:.3f} "
-                      f"acc {row['train_accuracy']:.3f}  {scores}  {row['seconds']:.1f}s "
+                      f"acc {row['train_accuracy']:.3f}{used}  {scores}  {row['seconds']:.1f}s "
                       f"{row['tflop']:.2f} TFLOP{'  *best' if improved else ''}", flush=True)
     except KeyboardInterrupt:
         # last.pt holds the last finished epoch (saved atomically), from which --resume is exact.
@@ -392,12 +398,14 @@ def write_recommended(out, config):
 
 
 def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, config, optimizer, scheduler, scaler,
-                 seed, device, epoch, size, class_weights=None, mixer=None):
+                 seed, device, epoch, size, class_weights=None, mixer=None, unlabelled=None):
     """One pass over `batches`; returns the epoch's training metrics and mean learning rate.
 
     class_weights (C,) or None weigh the loss (lib.loss); mixer (lib.mixing) or None mixes each
     augmented batch, seeded by the step. Training metrics are against each image's hard label:
-    with mixing, the label that dominates its mixture (as torchvision's reference scripts count)."""
+    with mixing, the label that dominates its mixture (as torchvision's reference scripts count).
+    unlabelled (lib.unlabelled.FixMatch) or None: its views join each batch's forward pass (one
+    BatchNorm batch) and its loss the step's; training metrics stay the labelled images'."""
     set_train_mode(net, frozen_modules)
     # Augmentation differs per process and epoch, and repeats for the same seed.
     augment_seed = ((seed * 1_000_003 + epoch) * 1_009 + distributed.rank()) % 2**63
@@ -406,6 +414,8 @@ def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, con
     # (measured: private memory grew 6 MB a batch, 1.7 GB over a 250-batch epoch).
     labels = torch.empty(sum(len(b) for b in batches), dtype=torch.int64)
     probs, rates, filled = torch.empty(len(labels), len(split.classes)), [], 0
+    if unlabelled:
+        unlabelled.start_epoch()
     bar = tqdm(batches, desc=f"epoch {epoch}", leave=False, file=sys.stderr,
                disable=None if distributed.is_main() else True)
     for step, index in enumerate(bar):
@@ -413,12 +423,17 @@ def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, con
         targets = F.one_hot(y, len(split.classes)).float()
         if mixer:
             x, targets = mixing.mix(mixer, x, y, mixing.step_seed(seed, epoch, step, distributed.rank()))
-        x, y, targets = normalize(x.to(device), mean, std), targets.argmax(1).to(device), targets.to(device)
+        views = unlabelled.views(seed, epoch, step, len(index), size, generator) if unlabelled else ()
+        x, y, targets = (normalize(torch.cat([x, *views]).to(device), mean, std), targets.argmax(1).to(device),
+                         targets.to(device))
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, config.amp):
             logits = net(x)
-            loss = cross_entropy(logits.float(), targets, class_weights, config.label_smoothing)
+            loss = cross_entropy(logits[:len(y)].float(), targets, class_weights, config.label_smoothing)
+            if unlabelled:
+                loss = loss + unlabelled.loss(logits[len(y):])
+            logits = logits[:len(y)]
         # Decided by all processes together: one raising alone would leave the others waiting
         # in backward's all-reduce forever.
         value = loss.item()

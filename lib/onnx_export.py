@@ -312,6 +312,8 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0,
     flag = "--verify-data" if data is not None else "the checkpoint's --data"
     if data is None:
         data = args.get("data")
+        if isinstance(data, list):  # trained on several datasets: the first one names the classes in order
+            data = data[0]
         if data is None or (data != "demo" and not Path(data).is_dir()):
             where = f"its data folder {data} is not here" if data else "it names no data folder"
             raise UserError(f"nothing to verify the export on: {where}; give --verify-data DIR, "

@@ -42,6 +42,8 @@ class TrainConfig:
     min_size: int = 32
     select: str = "best"             # which checkpoint OUT/model.pt is: lib.selection
     select_metric: str = "balanced_accuracy"  # what "best" means: every class alike (equals accuracy on balanced val)
+    unlabelled_weight: float = 1.0   # FixMatch (lib.unlabelled): weight of the unlabelled photos' loss
+    threshold: float = 0.95          # and the confidence a pseudo-label needs (the paper's values)
     amp: bool = False
     channels_last: bool = False
     compile: bool = False

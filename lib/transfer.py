@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from lib import cli
-from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
+from lib.checkpoint import build_from_checkpoint, data_lineage, file_hash, load_checkpoint
 from lib.recipe import TrainConfig
 from lib.errors import UserError
 from lib.files import write_csv
@@ -43,7 +43,7 @@ SWEEP_COLUMNS = ["frozen_stages", "trainable_params", "best_epoch", "best_val_au
 def add_transfer_args(parser, sweep):
     """The flags of transfer.py and crossval.py: source, data, frozen stages and the recipe."""
     parser.add_argument("--source", required=True, help="checkpoint to start from (train.py's best.pt)")
-    cli.add_data_args(parser, image_size=False)
+    cli.add_data_args(parser, image_size=False, several=True)
     parser.add_argument("--freeze", nargs="+" if sweep else None, default=DEFAULT_FREEZE if sweep else DEFAULT_FREEZE[0],
                         metavar="K", help="how many stages to freeze, input side first (train.py --help lists each "
                                           "model's): 0 fine-tunes everything, 'all' trains only the head"
@@ -136,9 +136,10 @@ def trainable_params(model):
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def lineage(source_path, k, model_name):
+def lineage(source_path, k, model_name, data):
+    """The target's lineage: its source checkpoint, the stages kept frozen and the datasets (--data) it trained on."""
     return {"source": str(Path(source_path).resolve()), "source_sha256": file_hash(source_path),
-            "frozen_stages": k, "stages": stage_count(model_name)}
+            "frozen_stages": k, "stages": stage_count(model_name), **data_lineage(data)}
 
 
 def target_describe(source, task, classes, args, lineage_entry):

@@ -3,7 +3,6 @@ rewritten in place behind their modification time, and decode failures that have
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from lib import pixel_cache
