@@ -39,25 +39,26 @@ def colour_split(n, size, seed):
 
 
 def _fit_colours(name, size, out, **recipe):
-    """64 steps of the default recipe (weight average included) on 32 images of colour_split."""
+    """64 steps of the default recipe (weight average included) on 32 images of colour_split,
+    validated on 64 others."""
     torch.manual_seed(0)
     stem = resolve_stem(name, size)
     describe = {"model": name, "stem": stem, "task": None, "classes": ["red", "blue"], "image_size": size,
                 "mean": [0.35] * 3, "std": [0.25] * 3, "args": {}}
-    return fit(build_model(name, 2, size, stem), colour_split(32, size, 0), colour_split(32, size, 1),
+    return fit(build_model(name, 2, size, stem), colour_split(32, size, 0), colour_split(64, size, 1),
                describe=describe, out=out, device=torch.device("cpu"), seed=0,
                config=TrainConfig(epochs=16, min_steps=0, batch_size=8, eval_every=16, min_size=size, **recipe))
 
 
 @pytest.mark.parametrize("name, size", FAMILY_MODELS + (MORE_FAMILY_MODELS if ALL_FAMILIES else []))
 def test_every_family_learns_under_the_default_recipe(name, size, tmp_path):
-    """32 val images, so 0.7 is 23 right (a model that guesses gets there with probability 0.01).
-    Measured: the slowest learners here, ShuffleNetV2 and MNASNet, reach 0.78, MobileNetV3-Small
-    1.0. Before the BatchNorm statistics of the average were re-estimated, MobileNetV3-Small and
+    """64 val images, so 0.65 is 42 right (a model that guesses gets there with probability 0.008).
+    Measured on 32 val images: the slowest learners here, ShuffleNetV2 and MNASNet, reach 0.69 to
+    0.78 depending on the run's random draws, MobileNetV3-Small 1.0. Before the BatchNorm statistics of the average were re-estimated, MobileNetV3-Small and
     ShuffleNetV2 validated here at 0.50 (every image one class) with train accuracy 0.94 and 0.75,
     as on the landmark target task."""
     history = _fit_colours(name, size, tmp_path)
-    assert history[-1]["val_balanced_accuracy"] >= 0.7, history[-1]
+    assert history[-1]["val_balanced_accuracy"] >= 0.65, history[-1]
 
 
 def test_averaged_batchnorm_statistics_collapse_and_the_run_says_so(tmp_path):

@@ -88,7 +88,7 @@ def test_train_with_published_weights_uses_their_preprocessing_and_records_them(
     assert "does not have the sha256 its name promises (f707e7126e...)" in result.stderr
     lineage = {"weights": "ShuffleNet_V2_X0_5_Weights.IMAGENET1K_V1", "weights_url": PUBLISHED.url,
                "weights_sha256": file_hash(cached)}
-    assert checkpoint["lineage"] == lineage
+    assert checkpoint["lineage"] == {**lineage, "data": [str(demo_data.resolve())]}
     metadata = model_metadata(checkpoint, "0" * 64, False, 18, {}, 0.04)
     assert json.loads(metadata["weights"]) == {"name": lineage["weights"], "url": PUBLISHED.url,
                                                "sha256": lineage["weights_sha256"]}
