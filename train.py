@@ -12,7 +12,7 @@ import torch
 
 from lib import cli, distributed, unlabelled, weights
 from lib.checkpoint import data_lineage
-from lib.data import load_datasets
+from lib.data import load_datasets, photo_side
 from lib.engine import fit, run_report
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
@@ -57,7 +57,8 @@ def main(args):
     distributed.setup(device)
     start = weights.open_weights(args.model, args.weights) if args.weights else None
     out = cli.prepare_out_dir(args.out, cli.RUN_OUTPUTS, overwrite=args.overwrite, resume=args.resume)
-    image_size, size_reason = weights.image_size_for(args.image_size, start, cli.DEFAULT_IMAGE_SIZE)
+    photos = None if args.image_size or (start and start.image_size) else photo_side(args.data, args.task)
+    image_size, size_reason = weights.image_size_for(args.image_size, start, photos)
     train = load_datasets(args.data, "train", args.task, image_size, resize=args.resize, **cli.load_options(args))
     val = load_datasets(args.data, "val", args.task, image_size, resize=args.resize, **cli.load_options(args))
     mean, std, whose = weights.normalisation(args.mean, args.std, start, train)

@@ -122,8 +122,9 @@ def add_data_args(parser, image_size=True, data_required=True, size_from_weights
         group.add_argument("--image-size", type=positive_int,
                            default=None if size_from_weights else DEFAULT_IMAGE_SIZE,
                            help="images of another size are resized to this square size"
-                                + (f" (None: {DEFAULT_IMAGE_SIZE}, or the resolution published --weights "
-                                   "were trained at)" if size_from_weights else ""))
+                                + (" (None: the resolution published --weights were trained at, else 128 "
+                                   "for photos whose median short side is at least 128 px, else 64)"
+                                   if size_from_weights else ""))
         group.add_argument("--resize", choices=RESIZE_POLICIES, default="squash",
                            help="how a photo that is not square becomes one: squash (resize, aspect ignored), "
                                 "crop (centre crop of the short side) or pad (letterbox, black bars); kept in "

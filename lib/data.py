@@ -28,7 +28,7 @@ import torch
 
 from lib.demo import CSV_COLUMNS, CSV_NAME, ensure_demo
 from lib.errors import UserError
-from lib.images import DEFAULT_MAX_PIXELS, BadImageError, check_resize, is_image_name
+from lib.images import DEFAULT_MAX_PIXELS, BadImageError, check_resize, is_image_name, median_short_side
 from lib.pixel_cache import DEFAULT, Decoding, load_pixels, pixel_counts, stats_from_counts
 
 SPLITS = ("train", "val", "test", "challenge")
@@ -125,15 +125,9 @@ def load_split(data, split, task=None, image_size=64, skip_bad_images=False, *, 
         raise UserError(f"--split {split}: must be one of {', '.join(SPLITS)}")
     check_resize(resize)
     root = resolve_data_dir(data).resolve()
-    if detect_layout(root) == "csv":
-        paths, labels, classes, names = _read_csv(root, split, task)
-    else:
-        paths, labels, classes = _read_imagefolder(root, split)
-        names = [str(p.relative_to(root)) for p in paths]
+    paths, labels, classes, names = _list_split(root, split, task)
+    if detect_layout(root) != "csv":
         task = None
-    if not paths:
-        where = f"task {task!r}, partition {split!r}" if task else f"split {split!r}"
-        raise UserError(f"--data {root}: no images for {where}")
     pixels = load_pixels(paths, Decoding(image_size, resize, max_pixels), cache_dir,
                          identity=f"{root}|{split}|{task}", label=f"{root.name} {split}{' ' + task if task else ''}")
     if pixels.skipped and not skip_bad_images:
@@ -148,6 +142,35 @@ def load_split(data, split, task=None, image_size=64, skip_bad_images=False, *, 
     if labels is not None:
         labels = torch.tensor([labels[i] for i in pixels.kept], dtype=torch.int64)
     return Split(torch.from_numpy(pixels.images), labels, classes, filenames, pixels.mean, pixels.std)
+
+
+def _list_split(root, split, task):
+    """(paths, labels or None, classes, names) of one split of the dataset at folder `root`.
+    Raises UserError when the split has no images."""
+    if detect_layout(root) == "csv":
+        paths, labels, classes, names = _read_csv(root, split, task)
+    else:
+        paths, labels, classes = _read_imagefolder(root, split)
+        names = [str(p.relative_to(root)) for p in paths]
+        task = None
+    if not paths:
+        where = f"task {task!r}, partition {split!r}" if task else f"split {split!r}"
+        raise UserError(f"--data {root}: no images for {where}")
+    return paths, labels, classes, names
+
+
+def photo_side(datasets, task=None):
+    """The short side (px) of the training photos, for choosing an image size: the median of
+    min(width, height) over up to 200 evenly spaced train files of each dataset, read from their
+    headers (nothing is decoded), and over several datasets the smallest of those medians, so
+    none is upsampled. None when no header can be read. Raises UserError as load_split does."""
+    medians = []
+    for data in datasets if isinstance(datasets, (list, tuple)) else [datasets]:
+        paths = _list_split(resolve_data_dir(data).resolve(), "train", task)[0]
+        side = median_short_side(paths[::max(1, len(paths) // 200)])
+        if side is not None:
+            medians.append(side)
+    return min(medians, default=None)
 
 
 def _read_csv(root, split, task):

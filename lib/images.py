@@ -52,6 +52,20 @@ def check_resize(resize, where="--resize"):
     return resize
 
 
+def median_short_side(paths):
+    """The median of min(width, height) in px over the files in `paths`, read from their headers
+    (Pillow opens lazily: nothing is decoded); files that cannot be opened are left out; None when
+    none can. EXIF orientation swaps width and height only, so the short side needs no turning."""
+    sides = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except Exception:  # noqa: BLE001 - an unreadable file is decode_image's to report
+            continue
+    return int(np.median(sides)) if sides else None
+
+
 def decode_image(path, size, resize="squash", max_pixels=DEFAULT_MAX_PIXELS):
     """Read `path` as a (size, size, 3) uint8 RGB array (see the module docstring for the steps).
 

@@ -197,15 +197,24 @@ def metadata(lineage):
     return {"path": lineage["weights"], "sha256": lineage["weights_sha256"]}
 
 
-def image_size_for(given, weights, default):
+# The sizes photos are trained at by default: the largest at or below the photos' short side.
+# 64 px: the landmark recipe's; 128 px: measured better on larger photos (docs/recipes.md, "Image
+# size for photos"), at 4x the FLOPs.
+PHOTO_SIZES = (64, 128)
+
+
+def image_size_for(given, weights, photo_side):
     """(image size in px, why): --image-size when given, else the resolution published weights
-    were trained at, else `default`."""
+    were trained at, else the largest of PHOTO_SIZES at or below `photo_side` (the training photos'
+    median short side in px, lib.data.photo_side; None: unknown), PHOTO_SIZES[0] at least."""
     if given:
         return given, "--image-size"
     if weights is not None and weights.image_size:
         return weights.image_size, (f"the resolution {weights.lineage['weights']} was trained at "
                                     "(weights.transforms()); --image-size changes it")
-    return default, "the default; --image-size changes it"
+    size = max([s for s in PHOTO_SIZES if photo_side is not None and s <= photo_side], default=PHOTO_SIZES[0])
+    return size, (f"the training photos' median short side is {photo_side} px; --image-size changes it"
+                  if photo_side is not None else "the default; --image-size changes it")
 
 
 def normalisation(mean, std, weights, train):
