@@ -232,20 +232,6 @@ def explain_checkpoint(label, source, checkpoint, model, images, device, method,
     return Explanation(label, source, checkpoint, list(layer_names), heatmaps, probs, targets, per_image, summary, sanity)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def stats_record(split, explanations, method):
     """Everything cam_stats.json holds: the setup, per-image numbers and each model's summary."""
     classes = split.classes

@@ -184,4 +184,3 @@ class OnnxClassifier:
         """One image file as (H, W, 3) uint8, decoded and made square as training did
         (lib.images.decode_image; BadImageError for a file it cannot read)."""
         return decode_image(path, self.image_size, self.resize, max_pixels)
-

@@ -27,6 +27,7 @@ def loading_options(checkpoint, options):
     return {**options, "skip_bad_images": options["skip_bad_images"] or bool(run.get("skip_bad_images")),
             "max_pixels": run.get("max_image_pixels", DEFAULT_MAX_PIXELS) if max_pixels is None else max_pixels}
 
+
 def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0, loading=None):
     """(uint8 (N, 3, H, W) images, labels or None, where they came from) to verify or calibrate on.
 
@@ -64,6 +65,7 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0,
     folder = data if data == "demo" else str(Path(data).resolve())
     return part.images, part.labels, {"data": folder, "split": split, "count": len(part)}
 
+
 def generated_images(count, image_size, seed):
     """Demo-style drawings, only when asked for (--synthetic-verify); unlabelled for this model."""
     rng = np.random.default_rng(seed)
@@ -71,10 +73,12 @@ def generated_images(count, image_size, seed):
     pixels = np.stack([render_image(names[i % len(names)], rng, image_size) for i in range(count)])
     return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), None
 
+
 def describe_images(source):
     if source["split"] is None:
         return f"{source['count']} {source['data']}"
     return f"{source['count']} images of {source['data']} ({source['split']})"
+
 
 def calibration_images(checkpoint, data, synthetic, count, seed, loading=None):
     """(uint8 (count, 3, H, W) images, where they came from) to calibrate int8 on: a seeded sample of
@@ -88,12 +92,14 @@ def calibration_images(checkpoint, data, synthetic, count, seed, loading=None):
     print(f"int8 calibration images: {len(chosen)} of {describe_images(source)}: {balance}")
     return images[chosen], {**source, "count": len(chosen), "class_counts": counts}
 
+
 def class_counts(labels, classes):
     """{class name: images} of a labelled set, None for an unlabelled one."""
     if labels is None:
         return None
     counts = np.bincount(np.asarray(labels), minlength=len(classes))
     return {name: int(count) for name, count in zip(classes, counts)}
+
 
 def load_images(files, data, task, split, num_images, seed, image_size, classes, resize="squash", *,
                 skip_bad_images=False, max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
@@ -111,6 +117,7 @@ def load_images(files, data, task, split, num_images, seed, image_size, classes,
         chosen = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
         full = full.rows(chosen)
     return full
+
 
 def _image_files(files, image_size, resize, skip_bad_images, max_pixels, classes):
     """--images as an unlabelled Split; an unreadable file is an error, or skipped with a warning."""

@@ -247,18 +247,6 @@ def _split_as_slices(model_proto):
     return model_proto
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def to_nhwc(images):
     return np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
 
@@ -322,4 +310,3 @@ def optimize_for_runtime(path, out, config=None):
             options.add_session_config_entry(key, value)
         ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     atomic_write(out, write)
-

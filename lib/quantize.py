@@ -168,10 +168,6 @@ def fused_convolutions(path, config=None):
     return fused, fused + sum(op in ("Conv", "FusedConv", "NhwcFusedConv") for op in ops)
 
 
-
-
-
-
 def quantize_gated(fp32_path, out, calibration_pixels, recipes, gate, pixels, float_probs, labels,
                    metadata=None, batch_size=64):
     """Quantize by each recipe in turn and keep, at `out`, the first int8 model `gate` passes.
