@@ -8,7 +8,7 @@ An ensemble checkpoint is explained at the layer(s) of every member, for the ens
 """
 from pathlib import Path
 
-from lib import cam, cli, distributed
+from lib import cam, cli, distributed, image_sets, plots
 from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
 from lib.data import SPLITS, match_classes
 from lib.ensemble import in_class_order
@@ -64,9 +64,9 @@ def main(args):
                             "so the same images cannot be explained by both")
     device = distributed.pick_device(args.device)
     out = cli.prepare_out_dir(args.out, OUTPUTS, overwrite=args.overwrite)
-    split = cam.load_images(args.images, args.data, args.task, args.split, args.num_images, args.seed,
-                            first["image_size"], first["classes"], first.get("resize", "squash"),
-                            **cli.load_options(args))
+    split = image_sets.load_images(args.images, args.data, args.task, args.split, args.num_images, args.seed,
+                                   first["image_size"], first["classes"], first.get("resize", "squash"),
+                                   **cli.load_options(args))
     split = match_classes(split, first["classes"], f"--data {args.data} and {paths[0]}")
     target = cam.class_index(args.target_class, first["classes"])
 
@@ -79,7 +79,7 @@ def main(args):
             label, {"checkpoint": str(path), "sha256": file_hash(path)}, checkpoint, model, split.images,
             device, args.method, layers, target, sanity_seed=args.seed if args.sanity else None))
 
-    cam.write_figures(split, explanations, args.method, out)
+    plots.write_cam_figures(split, explanations, args.method, out)
     write_json(cam.stats_record(split, explanations, args.method), out / "cam_stats.json")
     for explanation in explanations:
         if explanation.label:

@@ -11,26 +11,16 @@ With --quantize int8 also writes OUT's name with .int8.onnx, with --optimize .op
 the int8 model is written only if it passes its gate (lib.int8_gate), trying more precise
 recipes (lib.quantize.recipes_to_try) before giving up.
 """
-import argparse
-import json
 import sys
-import tempfile
-from pathlib import Path
 
-import onnxruntime
-
-from lib import cli, ensemble
-from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
+from lib import cli
+from lib.benchmark import compare_engines, engines_table
 from lib.data import SPLITS
-from lib.edge import OnnxClassifier
-from lib.errors import UserError
-from lib.onnx_export import (DEFAULT_OPSET, RUNTIME_FOR_OPSET, benchmark, benchmark_table, describe_images,
-                             export_onnx, install, loading_options, model_metadata, optimize_for_runtime,
-                             output_paths, reference_images, stamp_metadata, to_nhwc, verification_table, verify)
+from lib.export_set import BIG_BATCH, Int8Plan, export_checkpoint
 from lib.int8_gate import Gate
-from lib.quantize import CALIBRATION_METHODS, DEFAULT_TARGET, TARGETS, calibration_set, quantize_gated, recipes_to_try
+from lib.onnx_export import DEFAULT_OPSET, RUNTIME_FOR_OPSET
+from lib.quantize import CALIBRATION_METHODS, DEFAULT_TARGET, TARGETS
 
-BIG_BATCH = 64
 INT8_REFUSED = 3
 EXIT_CODES = f"""exit codes:
   0    every model asked for is verified and written
@@ -41,13 +31,8 @@ EXIT_CODES = f"""exit codes:
 """
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in the help, and the exit codes laid out as written."""
-
-
 def get_args_parser():
-    parser = cli.make_parser(__doc__)
-    parser.formatter_class, parser.epilog = HelpFormatter, EXIT_CODES
+    parser = cli.make_parser(__doc__, epilog=EXIT_CODES)
     parser.add_argument("--checkpoint", required=True, help="checkpoint to export (best.pt)")
     parser.add_argument("--out", required=True, help="the .onnx file to write")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -100,73 +85,25 @@ def get_args_parser():
 
 
 def main(args):
-    outputs = output_paths(args.out)
-    written = [name for name, wanted in (("fp32", True), ("int8", args.quantize), ("optimized", args.optimize))
-               if wanted]
-    existing = [str(p) for p in outputs.values() if p.exists()]
-    if existing and not args.overwrite:
-        raise UserError(f"--out: {', '.join(existing)} already exist(s); use --overwrite to replace them "
-                        f"(an export replaces the set: OUT and its .int8.onnx and .optimized.onnx)")
-    if args.synthetic_verify and args.verify_data:
-        raise UserError("--verify-data and --synthetic-verify: give one or the other")
-    if args.quantize and args.verify_split == "train":
-        raise UserError("--verify-split train: --quantize calibrates on the train split, and a gate scored on the "
-                        "calibration images would flatter the int8 model; verify on another split (default val)")
-    checkpoint = load_checkpoint(args.checkpoint)
-    network = build_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}")
-    loading = loading_options(checkpoint, cli.load_options(args))
-    images, labels, source = reference_images(checkpoint, args.verify_data, args.verify_split, args.synthetic_verify,
-                                              loading=loading)
-    gflop = ensemble.gflop_per_image(checkpoint, network)
-    metadata = model_metadata(checkpoint, file_hash(args.checkpoint), args.raw_logits, args.opset, source, gflop)
-    cli.make_folder(outputs["fp32"].parent, "--out")
-    # Everything is written beside OUT first and moved into place only once verified.
-    with tempfile.TemporaryDirectory(dir=outputs["fp32"].parent, prefix=".export.") as scratch:
-        staged = {name: Path(scratch) / outputs[name].name for name in written}
-        wrapper = export_onnx(network, checkpoint, metadata, staged["fp32"], args.raw_logits, args.opset)
-        print(f"exported {ensemble.describe(checkpoint)} ({metadata['stem']} stem, {ensemble.cost(checkpoint, gflop)}; "
-              f"opset {args.opset}, onnxruntime >= {RUNTIME_FOR_OPSET[args.opset]}, input uint8 "
-              f"N,{checkpoint['image_size']},{checkpoint['image_size']},3 RGB) -> {outputs['fp32']}")
-        if args.optimize:
-            optimize_for_runtime(staged["fp32"], staged["optimized"])
-            # It holds onnxruntime's own fused operators: only a runtime as new as this one knows them.
-            stamp_metadata(staged["optimized"], {"min_onnxruntime": onnxruntime.__version__})
-        print(f"verifying on {describe_images(source)} against PyTorch (tolerance {args.tolerance:g} on probabilities)")
-        models = {name: (OnnxClassifier(path), True) for name, path in staged.items() if name != "int8"}
-        rows, probs = verify(network, checkpoint, models, images, labels, BIG_BATCH, args.tolerance)
-        print(verification_table(rows))
-        failed = {name: row for name, row in rows.items() if row.get("within_tolerance") is False}
-        if failed:
-            worst = ", ".join(f"{name}: max |dp| {row['max_abs_diff']:.3g}, classes agree on "
-                              f"{row['class_agreement']:.2%}" for name, row in failed.items())
-            raise UserError(f"verification failed, nothing written: {worst} (--tolerance {args.tolerance:g})")
-        if args.quantize:
-            pixels, calibrated_on = calibration_set(checkpoint, args.verify_data, args.synthetic_verify,
-                                                    args.calibration_images, args.seed, loading)
-            gate = Gate(args.min_confident_agreement, args.confident_above, args.max_accuracy_loss,
-                        args.max_auroc_loss, args.gate_level, seed=args.seed)
-            kept, attempts = quantize_gated(staged["fp32"], staged["int8"], pixels,
-                                            recipes_to_try(args.target, args.calibration_method), gate,
-                                            to_nhwc(images), probs["fp32"], labels,
-                                            {"calibration_images": json.dumps(calibrated_on)}, BIG_BATCH)
-            if kept is None:
-                del staged["int8"]
-        removed = install(staged, outputs)
-    refused = args.quantize and "int8" not in staged
-    stale = outputs["int8"] in removed
-    for name in staged:
-        print(f"{name}: {outputs[name]} ({outputs[name].stat().st_size / 1e6:.2f} MB)")
-    for name, path in outputs.items():
-        if path in removed:
-            print(f"removed {path}: an earlier export's {name} model, which this export does not write")
+    int8 = Int8Plan(args.target, args.calibration_method, args.calibration_images,
+                    Gate(args.min_confident_agreement, args.confident_above, args.max_accuracy_loss,
+                         args.max_auroc_loss, args.gate_level, seed=args.seed)) if args.quantize else None
+    result = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite, raw_logits=args.raw_logits,
+                               opset=args.opset, verify_data=args.verify_data, verify_split=args.verify_split,
+                               synthetic_verify=args.synthetic_verify, tolerance=args.tolerance,
+                               loading=cli.load_options(args), optimize=args.optimize, int8=int8, seed=args.seed)
+    print("\n".join(result.lines()))
     if args.benchmark:
-        table, threads = benchmark(wrapper, {n: outputs[n] for n in staged if n != "optimized"},
-                                   to_nhwc(images[:BIG_BATCH]), (1, BIG_BATCH), args.benchmark_runs)
-        print(benchmark_table(table, threads, args.benchmark_runs, BIG_BATCH))
-    if refused:
-        print(f"export.py: warning: the int8 gate refused all {len(attempts)} recipes for --target {args.target}: "
-              f"no int8 model{' (the earlier one at ' + str(outputs['int8']) + ' is removed)' if stale else ''}; "
-              f"the verified fp32 model is written: {outputs['fp32']}", file=sys.stderr)
+        models = {name: result.outputs[name] for name in result.written if name != "optimized"}
+        table, threads = compare_engines(result.wrapper, models, result.pixels[:BIG_BATCH], (1, BIG_BATCH),
+                                         args.benchmark_runs)
+        print(engines_table(table, threads, args.benchmark_runs, BIG_BATCH))
+    if result.int8_refused:
+        earlier = result.outputs["int8"]
+        removed = f" (the earlier one at {earlier} is removed)" if earlier in result.removed else ""
+        print(f"export.py: warning: the int8 gate refused all {len(result.int8_attempts)} recipes for --target "
+              f"{args.target}: no int8 model{removed}; the verified fp32 model is written: {result.outputs['fp32']}",
+              file=sys.stderr)
         return INT8_REFUSED
     return 0
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from lib import cli
-from lib.edge import CPU, OnnxClassifier, benchmark_model, format_benchmark
+from lib.benchmark import benchmark_model, format_benchmark
+from lib.edge import CPU, OnnxClassifier
 from lib.errors import UserError
 from lib.images import DEFAULT_MAX_PIXELS, BadImageError, is_image_name
 

@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from lib import cli, distributed  # noqa: E402
+from lib.benchmark import timed  # noqa: E402
 from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
 from lib.data import load_split  # noqa: E402
@@ -59,17 +60,6 @@ def get_args_parser():
     return parser
 
 
-def timed(fn, device):
-    """(wall seconds, CPU seconds of this process) taken by fn()."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
-
-
 def rates(images, seconds):
     """images/s for each (wall, cpu) sample, as {"wall": [...], "cpu": [...]}."""
     return {"wall": [images / w for w, _ in seconds], "cpu": [images / c for _, c in seconds]}
@@ -87,6 +77,7 @@ def spread_rows(split, n):
 
 def bench_model(name, train, val, mean, std, config, args, device):
     torch.manual_seed(0)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
     model = build_model(name, len(train.classes), args.image_size).to(device)
     flops = {"train": training_flops(model, args.image_size, len(train.classes)),
              "eval": inference_flops(model, args.image_size)}
@@ -128,14 +119,14 @@ def bench_model(name, train, val, mean, std, config, args, device):
     bare_s, loop_s = [], []
     for repeat in range(1, args.repeats + 1):
         net.train()
-        bare_s.append(timed(lambda: [bare_step() for _ in range(args.steps)], device))
-        loop_s.append(timed(lambda: loop(subset, repeat), device))
+        bare_s.append(timed(lambda: [bare_step() for _ in range(args.steps)], sync))
+        loop_s.append(timed(lambda: loop(subset, repeat), sync))
     generator = torch.Generator().manual_seed(0)
     augment_s = [timed(lambda: normalize(augment_batch(train.images[:batch], config.augment, generator)
-                                         .to(device), mean, std), device) for _ in range(args.repeats)]
+                                         .to(device), mean, std), sync) for _ in range(args.repeats)]
     n_eval = min(len(val), 1024)
     predict_probs(net, val.images[:256], mean, std, device)
-    eval_s = [timed(lambda: predict_probs(net, val.images[:n_eval], mean, std, device), device)
+    eval_s = [timed(lambda: predict_probs(net, val.images[:n_eval], mean, std, device), sync)
               for _ in range(args.repeats)]
     samples = {"bare": rates(args.steps * batch, bare_s), "loop": rates(n_loop, loop_s),
                "augment": rates(batch, augment_s), "eval": rates(n_eval, eval_s)}

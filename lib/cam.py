@@ -1,4 +1,4 @@
-"""Grad-CAM heatmaps (the grad-cam package), where their mass falls, a sanity check, and figures.
+"""Grad-CAM heatmaps (the grad-cam package), where their mass falls, and a sanity check.
 
 A heatmap is a float32 (H, W) array in [0, 1] at the input's size, for one target class: the
 predicted class unless another is chosen. Attention statistics are the fraction of a map's
@@ -39,24 +39,17 @@ that the maps equal those made one layer at a time). --sanity re-initialises eve
 import contextlib
 import io
 import math
-import re
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from lib.augment import normalize
 from lib.checkpoint import build_from_checkpoint
-from lib.data import Split, load_split
 from lib.engine import predict_probs
 from lib.errors import UserError
-from lib.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
 from lib.ensemble import describe
 from lib.models import Ensemble, cam_reshape, default_cam_layer
-from lib.pixel_cache import DEFAULT
-from lib.plots import plt, save_figure
 
 # --method name -> class name in pytorch_grad_cam, which is imported on use: it pulls in OpenCV
 # and SciPy, seconds of start-up that a bad flag or checkpoint should not wait for.
@@ -237,109 +230,6 @@ def explain_checkpoint(label, source, checkpoint, model, images, device, method,
     sanity = None if sanity_seed is None else sanity_check(
         checkpoint, heatmaps, images, targets, method, layer_names, device, sanity_seed)
     return Explanation(label, source, checkpoint, list(layer_names), heatmaps, probs, targets, per_image, summary, sanity)
-
-
-def load_images(files, data, task, split, num_images, seed, image_size, classes, resize="squash", *,
-                skip_bad_images=False, max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
-    """The images to explain: the given files (unlabelled), or a seeded sample of a split (0 = all).
-    resize and the keyword arguments: as lib.data.load_split's."""
-    if files:
-        if data is not None:
-            raise UserError("--images and --data: give one or the other")
-        return _image_files(files, image_size, resize, skip_bad_images, max_pixels, classes)
-    if data is None:
-        raise UserError("--data: required unless --images is given")
-    full = load_split(data, split, task, image_size, skip_bad_images, resize=resize, max_pixels=max_pixels,
-                      cache_dir=cache_dir)
-    if num_images and num_images < len(full):
-        chosen = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed))[:num_images].sort().values
-        full = full.rows(chosen)
-    return full
-
-
-def _image_files(files, image_size, resize, skip_bad_images, max_pixels, classes):
-    """--images as an unlabelled Split; an unreadable file is an error, or skipped with a warning."""
-    decoded, kept = [], []
-    for path in files:
-        try:
-            decoded.append(decode_image(path, image_size, resize, max_pixels))
-            kept.append(str(path))
-        except BadImageError as error:
-            if not skip_bad_images:
-                raise BadImageError(f"{error}; --skip-bad-images leaves unreadable images out") from None
-            print(f"warning: skipped {error}", file=sys.stderr)
-    if not decoded:
-        raise UserError(f"--images: no readable images among {len(files)} file(s)")
-    return Split(torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).contiguous(), None, list(classes), kept)
-
-
-def panel_titles(split, explanations):
-    """Per image: the original's title (true label) and one title per model (prediction, map class)."""
-    classes = split.classes
-    titles = []
-    for i in range(len(split)):
-        true = "?" if split.labels is None else classes[int(split.labels[i])]
-        row = [f"true: {true}"]
-        for e in explanations:
-            pred = int(e.probs[i].argmax())
-            text = f"{e.label}pred: {classes[pred]} ({float(e.probs[i, pred]):.2f})"
-            if int(e.targets[i]) != pred:
-                text += f"\nmap of {classes[int(e.targets[i])]}"
-            row.append(text)
-        titles.append(row)
-    return titles
-
-
-def grid_layout(num_images, panels_per_image, max_columns=8):
-    """(rows, columns) of axes: whole images per row, each image's panels side by side."""
-    per_row = max(1, max_columns // panels_per_image)
-    return max(1, math.ceil(num_images / per_row)), min(max(num_images, 1), per_row) * panels_per_image
-
-
-def draw_cam_figure(images, heatmaps_per_model, titles, caption=None, max_columns=8):
-    """Each image as original | overlay per model, under an optional caption; returns the figure."""
-    panels = 1 + len(heatmaps_per_model)
-    rows, cols = grid_layout(len(images), panels, max_columns)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    per_row = cols // panels
-    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
-        first = (i // per_row, (i % per_row) * panels)
-        for p in range(panels):
-            ax = axes[first[0], first[1] + p]
-            ax.imshow(image)
-            if p:
-                ax.imshow(heatmaps_per_model[p - 1][i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            ax.set_title(titles[i][p], fontsize=7)
-    fig.tight_layout()
-    if caption:
-        fig.suptitle(caption, fontsize=8, y=1.0, va="bottom")
-    return fig
-
-
-def _file_stem(index, filename):
-    return f"{index:03d}_" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(filename).stem)
-
-
-def write_figures(split, explanations, method, out):
-    """OUT/grid.png and OUT/images/NNN_<name>.png; returns the per-image paths."""
-    titles = panel_titles(split, explanations)
-    maps = [e.heatmaps for e in explanations]
-    caption = method + ": " + "   ".join(
-        f"{e.label}{'/'.join(Path(e.source['checkpoint']).parts[-2:])} at {'+'.join(e.layers)}" for e in explanations)
-    save_figure(draw_cam_figure(split.images, maps, titles, caption), out / "grid.png")
-    folder = out / "images"
-    folder.mkdir(exist_ok=True)
-    for stale in folder.glob("[0-9][0-9][0-9]_*.png"):
-        stale.unlink()
-    paths = []
-    for i, filename in enumerate(split.filenames):
-        path = folder / (_file_stem(i, filename) + ".png")
-        save_figure(draw_cam_figure(split.images[i:i + 1], [m[i:i + 1] for m in maps], titles[i:i + 1]),
-                    path)
-        paths.append(path)
-    return paths
 
 
 def stats_record(split, explanations, method):

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
@@ -185,59 +184,3 @@ class OnnxClassifier:
         """One image file as (H, W, 3) uint8, decoded and made square as training did
         (lib.images.decode_image; BadImageError for a file it cannot read)."""
         return decode_image(path, self.image_size, self.resize, max_pixels)
-
-
-# --- device benchmark ----------------------------------------------------------------------------
-
-def usable_cpus():
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _milliseconds(run):
-    started = time.perf_counter()
-    run()
-    return (time.perf_counter() - started) * 1000
-
-
-def benchmark_model(path, provider=CPU, batch_sizes=(1, 64), runs=30, seed=0):
-    """What a device owner asks first: how big, how long to start, how fast at 1, 2 and all threads.
-
-    Session creation and first-run times are for all threads (a fresh session, the first run
-    unwarmed); latencies are p50/p95 over `runs` timed runs after one warm-up run, on random pixels.
-    """
-    path = Path(path)
-    threads = sorted({min(count, usable_cpus()) for count in (1, 2, usable_cpus())})
-    started = time.perf_counter()
-    classifier = OnnxClassifier(path, provider, threads[-1])
-    report = {"model": str(path), "file_size_mb": path.stat().st_size / 1e6,
-              "onnxruntime": ort.__version__, "provider": provider, "cpus": usable_cpus(),
-              "opset": classifier.metadata.get("opset"),
-              "quantization": json.loads(classifier.metadata.get("quantization", "null")),
-              "session_create_ms": (time.perf_counter() - started) * 1000}
-    rng = np.random.default_rng(seed)
-    batches = {b: rng.integers(0, 256, (b, classifier.image_size, classifier.image_size, 3), dtype=np.uint8)
-               for b in batch_sizes}
-    report["first_run_ms"] = _milliseconds(lambda: classifier.run(batches[batch_sizes[0]]))
-    report["latency"] = []
-    for count in threads:
-        session = classifier if count == threads[-1] else OnnxClassifier(path, provider, count)
-        for batch, pixels in batches.items():
-            session.run(pixels)
-            times = [_milliseconds(lambda: session.run(pixels)) for _ in range(runs)]
-            report["latency"].append({"threads": count, "batch": batch, "runs": runs,
-                                      "p50_ms": float(np.percentile(times, 50)),
-                                      "p95_ms": float(np.percentile(times, 95))})
-    return report
-
-
-def format_benchmark(report):
-    lines = [f"model            {report['model']} ({report['file_size_mb']:.2f} MB, opset {report['opset']})",
-             f"runtime          onnxruntime {report['onnxruntime']}, {report['provider']}, "
-             f"{report['cpus']} CPU(s)",
-             f"session created  {report['session_create_ms']:.1f} ms",
-             f"first run        {report['first_run_ms']:.1f} ms (batch {report['latency'][0]['batch']}, unwarmed)",
-             f"{'threads':>7} {'batch':>6} {'p50 ms':>9} {'p95 ms':>9} {'images/s':>9}"]
-    for row in report["latency"]:
-        lines.append(f"{row['threads']:>7} {row['batch']:>6} {row['p50_ms']:>9.2f} {row['p95_ms']:>9.2f} "
-                     f"{row['batch'] / row['p50_ms'] * 1000:>9.0f}")
-    return "\n".join(lines)

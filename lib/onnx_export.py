@@ -1,4 +1,4 @@
-"""Exporting a checkpoint to ONNX, checking the export against PyTorch, timing it against PyTorch.
+"""Exporting a checkpoint to ONNX and checking the export against PyTorch.
 
 The exported graph takes raw uint8 pixels and does everything training did to them (see
 lib.edge for the input contract), so a device feeds decoded pixels and nothing can drift.
@@ -19,10 +19,6 @@ at most.
 int8 quantization is lib.quantize's.
 """
 import json
-import os
-import statistics
-import time
-from pathlib import Path
 
 import numpy as np
 import onnx
@@ -32,10 +28,7 @@ import torch.nn as nn
 from lib import ensemble, weights
 from lib.checkpoint import FORMAT
 from lib.files import atomic_write
-from lib.data import load_split, match_classes
-from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
-from lib.images import DEFAULT_MAX_PIXELS
-from lib.edge import INPUT_LAYOUT, METADATA_FORMAT, make_session
+from lib.edge import INPUT_LAYOUT, METADATA_FORMAT
 from lib.engine import predict_probs
 from lib.models import resolve_stem
 from lib.errors import UserError
@@ -254,89 +247,6 @@ def _split_as_slices(model_proto):
     return model_proto
 
 
-def generated_images(count, image_size, seed):
-    """Demo-style drawings, only when asked for (--synthetic-verify); unlabelled for this model."""
-    rng = np.random.default_rng(seed)
-    names = SOURCE_CLASSES + TARGET_CLASSES
-    pixels = np.stack([render_image(names[i % len(names)], rng, image_size) for i in range(count)])
-    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), None
-
-
-def output_paths(out):
-    """{name: path} of the set of files an export to `out` (a .onnx path) may write: the fp32 model,
-    and beside it the int8 and optimized ones; UserError for another suffix."""
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise UserError(f"--out {out}: must end in .onnx")
-    return {"fp32": out, "int8": out.with_suffix(".int8.onnx"), "optimized": out.with_suffix(".optimized.onnx")}
-
-
-def install(staged, outputs):
-    """Move the staged files ({name: path}) into place at outputs[name], then remove every other
-    file of the set (output_paths), so that all a folder holds beside the fp32 model was made
-    from it: an earlier export's int8 model would pass for this one's. Returns the removed paths."""
-    for name, path in staged.items():
-        os.replace(path, outputs[name])
-    removed = [path for name, path in outputs.items() if name not in staged and path.exists()]
-    for path in removed:
-        path.unlink()
-    return removed
-
-
-def loading_options(checkpoint, options):
-    """load_split's keyword arguments for export.py (lib.cli.load_options of add_loading_args(...,
-    from_checkpoint=True)), completed from the run that trained the checkpoint: its images are read
-    as that run read them (--skip-bad-images, --max-image-pixels), so what it trained on exports."""
-    run = checkpoint.get("args") or {}
-    max_pixels = options["max_pixels"]
-    return {**options, "skip_bad_images": options["skip_bad_images"] or bool(run.get("skip_bad_images")),
-            "max_pixels": run.get("max_image_pixels", DEFAULT_MAX_PIXELS) if max_pixels is None else max_pixels}
-
-
-def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0, loading=None):
-    """(uint8 (N, 3, H, W) images, labels or None, where they came from) to verify or calibrate on.
-
-    Real images: `data`, or when None the checkpoint's own --data/--task; a folder that is not
-    there is an error, never a silent switch to made-up images. synthetic=True: `count`
-    generated drawings instead. Where they came from is a dict (data, split, count) for the metadata.
-    loading: load_split's keyword arguments (loading_options), None for its defaults.
-    """
-    if synthetic:
-        # Calibration ("train") and verification draw different images.
-        images, labels = generated_images(count, checkpoint["image_size"], seed + (split == "train"))
-        return images, labels, {"data": "generated drawings (--synthetic-verify)", "split": None, "count": count}
-    args = checkpoint.get("args") or {}
-    task = checkpoint.get("task") or args.get("task")
-    if data is not None and data != "demo" and not Path(data).is_dir():
-        raise UserError(f"--verify-data {data}: no such folder")
-    flag = "--verify-data" if data is not None else "the checkpoint's --data"
-    if data is None:
-        data = args.get("data")
-        if isinstance(data, list):  # trained on several datasets: the first one names the classes in order
-            data = data[0]
-        if data is None or (data != "demo" and not Path(data).is_dir()):
-            where = f"its data folder {data} is not here" if data else "it names no data folder"
-            raise UserError(f"nothing to verify the export on: {where}; give --verify-data DIR, "
-                            f"or --synthetic-verify for generated images")
-    try:
-        part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"),
-                          **(loading or {}))
-    except UserError as error:  # load_split names the --data of the scripts that train
-        if not str(error).startswith("--data "):
-            raise
-        raise UserError(flag + str(error)[len("--data"):]) from None
-    if part.labels is not None:
-        part = match_classes(part, checkpoint["classes"], f"--verify-data {data}")
-    folder = data if data == "demo" else str(Path(data).resolve())
-    return part.images, part.labels, {"data": folder, "split": split, "count": len(part)}
-
-
-def describe_images(source):
-    if source["split"] is None:
-        return f"{source['count']} {source['data']}"
-    return f"{source['count']} images of {source['data']} ({source['split']})"
-
-
 def to_nhwc(images):
     return np.ascontiguousarray(images.permute(0, 2, 3, 1).numpy())
 
@@ -400,45 +310,3 @@ def optimize_for_runtime(path, out, config=None):
             options.add_session_config_entry(key, value)
         ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     atomic_write(out, write)
-
-
-def _median_seconds(run, runs, warmup=3):
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
-def benchmark(wrapper, model_paths, pixels, batch_sizes=(1, 64), runs=20):
-    """Median latency in ms of PyTorch eager (the same pixels-in wrapper) and each ONNX model.
-
-    onnxruntime gets as many threads as torch uses, so the comparison is like for like.
-    """
-    threads = torch.get_num_threads()
-    batches = {b: np.ascontiguousarray(np.resize(pixels, (b, *pixels.shape[1:]))) for b in batch_sizes}
-    table = {}
-    wrapper.eval()
-    with torch.inference_mode():
-        table["pytorch eager"] = {b: _median_seconds(lambda x=torch.from_numpy(x): wrapper(x), runs) * 1000
-                                  for b, x in batches.items()}
-    for name, path in model_paths.items():
-        session = make_session(path, threads=threads)
-        table[f"onnxruntime {name}"] = {
-            b: _median_seconds(lambda x=x: session.run(None, {INPUT_NAME: x}), runs) * 1000
-            for b, x in batches.items()}
-    return table, threads
-
-
-def benchmark_table(table, threads, runs, big_batch=64):
-    """benchmark()'s latencies as a Markdown table, with each engine's batch-1 speed-up over eager."""
-    eager = table["pytorch eager"][1]
-    lines = [f"\nmedian latency on this CPU, ms ({threads} thread(s), {runs} runs)",
-             f"| {'engine':<20} | {'batch 1':>9} | {'batch ' + str(big_batch):>9} | {'b1 speed-up':>11} |",
-             f"|{'-' * 22}|{'-' * 11}:|{'-' * 11}:|{'-' * 12}:|"]
-    lines += [f"| {name:<20} | {times[1]:>9.2f} | {times[big_batch]:>9.1f} | {eager / times[1]:>10.1f}x |"
-              for name, times in table.items()]
-    return "\n".join(lines)

@@ -1,4 +1,8 @@
 """Figures written by the scripts (matplotlib, no display needed); every file is written atomically."""
+import math
+import re
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 from sklearn.metrics import auc, roc_curve
@@ -106,3 +110,73 @@ def plot_sweep(rows, histories, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     save_figure(fig, path)
+
+
+def write_cam_figures(split, explanations, method, out):
+    """explain.py's figures of lib.cam.Explanation's maps: OUT/grid.png and OUT/images/NNN_<name>.png
+    (original | overlay per model); returns the per-image paths."""
+    titles = panel_titles(split, explanations)
+    maps = [e.heatmaps for e in explanations]
+    caption = method + ": " + "   ".join(
+        f"{e.label}{'/'.join(Path(e.source['checkpoint']).parts[-2:])} at {'+'.join(e.layers)}" for e in explanations)
+    save_figure(draw_cam_figure(split.images, maps, titles, caption), out / "grid.png")
+    folder = out / "images"
+    folder.mkdir(exist_ok=True)
+    for stale in folder.glob("[0-9][0-9][0-9]_*.png"):
+        stale.unlink()
+    paths = []
+    for i, filename in enumerate(split.filenames):
+        path = folder / (_file_stem(i, filename) + ".png")
+        save_figure(draw_cam_figure(split.images[i:i + 1], [m[i:i + 1] for m in maps], titles[i:i + 1]),
+                    path)
+        paths.append(path)
+    return paths
+
+
+def panel_titles(split, explanations):
+    """Per image: the original's title (true label) and one title per model (prediction, map class)."""
+    classes = split.classes
+    titles = []
+    for i in range(len(split)):
+        true = "?" if split.labels is None else classes[int(split.labels[i])]
+        row = [f"true: {true}"]
+        for e in explanations:
+            pred = int(e.probs[i].argmax())
+            text = f"{e.label}pred: {classes[pred]} ({float(e.probs[i, pred]):.2f})"
+            if int(e.targets[i]) != pred:
+                text += f"\nmap of {classes[int(e.targets[i])]}"
+            row.append(text)
+        titles.append(row)
+    return titles
+
+
+def grid_layout(num_images, panels_per_image, max_columns=8):
+    """(rows, columns) of axes: whole images per row, each image's panels side by side."""
+    per_row = max(1, max_columns // panels_per_image)
+    return max(1, math.ceil(num_images / per_row)), min(max(num_images, 1), per_row) * panels_per_image
+
+
+def draw_cam_figure(images, heatmaps_per_model, titles, caption=None, max_columns=8):
+    """Each image as original | overlay per model, under an optional caption; returns the figure."""
+    panels = 1 + len(heatmaps_per_model)
+    rows, cols = grid_layout(len(images), panels, max_columns)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.0 * cols, 2.3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    per_row = cols // panels
+    for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):
+        first = (i // per_row, (i % per_row) * panels)
+        for p in range(panels):
+            ax = axes[first[0], first[1] + p]
+            ax.imshow(image)
+            if p:
+                ax.imshow(heatmaps_per_model[p - 1][i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            ax.set_title(titles[i][p], fontsize=7)
+    fig.tight_layout()
+    if caption:
+        fig.suptitle(caption, fontsize=8, y=1.0, va="bottom")
+    return fig
+
+
+def _file_stem(index, filename):
+    return f"{index:03d}_" + re.sub(r"[^A-Za-z0-9_.-]", "_", Path(filename).stem)

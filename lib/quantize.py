@@ -36,14 +36,12 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
-import torch
 
 from lib.edge import OnnxClassifier, read_metadata
 from lib.int8_gate import describe
-from lib.onnx_export import (INPUT_NAME, check_and_save, describe_images, match_ir_version, optimize_for_runtime,
-                             reference_images, set_metadata, stamp_metadata, to_nhwc)
+from lib.onnx_export import (INPUT_NAME, check_and_save, match_ir_version, optimize_for_runtime, set_metadata,
+                             stamp_metadata)
 
 
 @dataclass(frozen=True)
@@ -168,27 +166,6 @@ def fused_convolutions(path, config=None):
         ops = [node.op_type for node in onnx.load(str(optimized)).graph.node]
     fused = sum(op in ("QLinearConv", "ConvInteger") for op in ops)
     return fused, fused + sum(op in ("Conv", "FusedConv", "NhwcFusedConv") for op in ops)
-
-
-def calibration_set(checkpoint, data, synthetic, count, seed, loading=None):
-    """(uint8 (count, H, W, 3) pixels, where they came from): a seeded sample of the training split
-    of `data` (None: the checkpoint's own), or generated drawings when `synthetic`; loading:
-    load_split's keyword arguments (lib.onnx_export.loading_options)."""
-    images, labels, source = reference_images(checkpoint, data, "train", synthetic, count=count, seed=seed,
-                                              loading=loading)
-    chosen = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:count]
-    counts = class_counts(None if labels is None else labels[chosen], checkpoint["classes"])
-    balance = ", ".join(f"{name} {n}" for name, n in counts.items()) if counts else "unlabelled"
-    print(f"int8 calibration images: {len(chosen)} of {describe_images(source)}: {balance}")
-    return to_nhwc(images[chosen]), {**source, "count": len(chosen), "class_counts": counts}
-
-
-def class_counts(labels, classes):
-    """{class name: images} of a labelled set, None for an unlabelled one."""
-    if labels is None:
-        return None
-    counts = np.bincount(np.asarray(labels), minlength=len(classes))
-    return {name: int(count) for name, count in zip(classes, counts)}
 
 
 def quantize_gated(fp32_path, out, calibration_pixels, recipes, gate, pixels, float_probs, labels,

@@ -55,7 +55,7 @@ def test_train_on_two_datasets_records_both_and_export_reads_the_first(demo_data
     assert checkpoint["classes"] == TARGET_CLASSES
     assert checkpoint["lineage"]["data"] == [str(demo_data.resolve()), str(target_folder.resolve())]
     assert checkpoint["args"]["data"] == [str(demo_data), str(target_folder)]
-    from lib.onnx_export import reference_images
+    from lib.image_sets import reference_images
     images, labels, where = reference_images(checkpoint, None, "val")
     assert where["data"] == str(demo_data.resolve()) and len(labels) == 60
     from lib.evaluation import load_predictor

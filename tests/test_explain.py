@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import run_main, run_script
-from lib import cam
+from lib import cam, plots
 from lib.augment import normalize
 from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
 from lib.data import load_split
@@ -36,13 +36,13 @@ def test_heatmaps_have_the_image_size_lie_in_unit_range_and_release_hooks(source
 
 
 def test_grid_has_one_panel_per_image_and_model():
-    assert cam.grid_layout(16, 2) == (4, 8)
-    assert cam.grid_layout(5, 3) == (3, 6)
-    assert cam.grid_layout(1, 2) == (1, 2)
+    assert plots.grid_layout(16, 2) == (4, 8)
+    assert plots.grid_layout(5, 3) == (3, 6)
+    assert plots.grid_layout(1, 2) == (1, 2)
     images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
     maps = [np.random.rand(5, 16, 16).astype(np.float32) for _ in range(2)]
     titles = [["true", "A", "B"]] * 5
-    fig = cam.draw_cam_figure(images, maps, titles)
+    fig = plots.draw_cam_figure(images, maps, titles)
     drawn = [ax for ax in fig.axes if ax.images]
     assert len(drawn) == 5 * 3
     assert sum(len(ax.images) == 2 for ax in drawn) == 5 * 2, "one overlay per image and model"

@@ -436,13 +436,13 @@ def test_int8_that_flips_a_few_borderline_images_passes_the_gate(confident_cnn3,
 
 def _black_calibration(monkeypatch):
     """Calibrate on black images, as a broken preprocessing step would: ranges that fit nothing real."""
-    import export
-    real_calibration_set = export.calibration_set
+    import lib.export_set
+    real_calibration_images = lib.export_set.calibration_images
 
     def black_images(*args, **kwargs):
-        pixels, source = real_calibration_set(*args, **kwargs)
-        return np.zeros_like(pixels), source
-    monkeypatch.setattr(export, "calibration_set", black_images)
+        images, source = real_calibration_images(*args, **kwargs)
+        return torch.zeros_like(images), source
+    monkeypatch.setattr(lib.export_set, "calibration_images", black_images)
 
 
 def test_refused_recipes_fall_back_in_order_and_the_kept_one_is_recorded(confident_cnn3, tmp_path, monkeypatch):
