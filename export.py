@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnxruntime
 
-from lib import cli, ensemble
+from lib import cli, ensemble, flags
 from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
 from lib.data import SPLITS
 from lib.edge import OnnxClassifier
@@ -65,7 +65,7 @@ def get_args_parser():
                               help="verify and calibrate on generated drawings instead of real images")
     verification.add_argument("--tolerance", type=cli.positive_float, default=1e-4,
                               help="largest allowed absolute difference of a probability from PyTorch's")
-    cli.add_loading_args(verification, from_checkpoint=True)
+    flags.add_loading_args(verification, from_checkpoint=True)
     int8 = parser.add_argument_group("int8")
     int8.add_argument("--quantize", choices=["int8"], default=None,
                       help="also write a static int8 (QDQ) model calibrated on training images")

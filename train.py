@@ -10,7 +10,7 @@ OUT/metrics.csv and OUT/curves.png.
 """
 import torch
 
-from lib import cli, distributed, unlabelled, weights
+from lib import cli, distributed, flags, unlabelled, weights
 from lib.checkpoint import data_lineage
 from lib.data import load_datasets
 from lib.engine import fit, run_report
@@ -24,7 +24,7 @@ RECIPE = TrainConfig()
 
 def get_args_parser():
     parser = cli.make_parser(__doc__, epilog=describe_models())
-    cli.add_data_args(parser, size_from_weights=True, several=True)
+    flags.add_data_args(parser, size_from_weights=True, several=True)
     parser.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL, metavar="NAME",
                         help="architecture: fastnet, cnn3 or any torchvision classification model (listed below); "
                              "fastnet is the most accurate from scratch at 64 and 128 px alike (README: the 128-px "
@@ -45,7 +45,7 @@ def get_args_parser():
     parser.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"),
                         help="per-channel standard deviation, as --mean; ImageNet's is 0.229 0.224 0.225 "
                              "(None: published --weights' own, else the training split's)")
-    cli.add_training_args(parser, RECIPE)
+    flags.add_training_args(parser, RECIPE)
     cli.add_run_args(parser, "output folder for checkpoints, metrics.csv and curves.png")
     return parser
 
@@ -57,7 +57,7 @@ def main(args):
     distributed.setup(device)
     start = weights.open_weights(args.model, args.weights) if args.weights else None
     out = cli.prepare_out_dir(args.out, cli.RUN_OUTPUTS, overwrite=args.overwrite, resume=args.resume)
-    image_size, size_reason = weights.image_size_for(args.image_size, start, cli.DEFAULT_IMAGE_SIZE)
+    image_size, size_reason = weights.image_size_for(args.image_size, start, flags.DEFAULT_IMAGE_SIZE)
     train = load_datasets(args.data, "train", args.task, image_size, resize=args.resize, **cli.load_options(args))
     val = load_datasets(args.data, "val", args.task, image_size, resize=args.resize, **cli.load_options(args))
     mean, std, whose = weights.normalisation(args.mean, args.std, start, train)

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lib import cli, distributed  # noqa: E402
+from lib import cli, distributed, flags  # noqa: E402
 from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
 from lib.data import load_split  # noqa: E402
@@ -39,7 +39,7 @@ RECIPE = TrainConfig()
 
 def get_args_parser():
     parser = cli.make_parser(__doc__)
-    cli.add_data_args(parser)
+    flags.add_data_args(parser)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=[DEFAULT_MODEL, "resnet18"], metavar="NAME",
                         help="architectures to time: fastnet, cnn3 or any torchvision classification model")
     parser.add_argument("--batch-size", type=cli.positive_int, default=RECIPE.batch_size)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lib import cli
+from lib import cli, flags
 from lib.checkpoint import build_from_checkpoint, data_lineage, file_hash, load_checkpoint
 from lib.recipe import TrainConfig
 from lib.errors import UserError
@@ -43,7 +43,7 @@ SWEEP_COLUMNS = ["frozen_stages", "trainable_params", "best_epoch", "best_val_au
 def add_transfer_args(parser, sweep):
     """The flags of transfer.py and crossval.py: source, data, frozen stages and the recipe."""
     parser.add_argument("--source", required=True, help="checkpoint to start from (train.py's best.pt)")
-    cli.add_data_args(parser, image_size=False, several=True)
+    flags.add_data_args(parser, image_size=False, several=True)
     parser.add_argument("--freeze", nargs="+" if sweep else None, default=DEFAULT_FREEZE if sweep else DEFAULT_FREEZE[0],
                         metavar="K", help="how many stages to freeze, input side first (train.py --help lists each "
                                           "model's): 0 fine-tunes everything, 'all' trains only the head"
@@ -52,7 +52,7 @@ def add_transfer_args(parser, sweep):
         parser.add_argument("--seeds", nargs="+", type=int, metavar="S",
                             help="train one model per seed (instead of --seed) into OUT/seed-S/ and write "
                                  "OUT/model.pt, an ensemble checkpoint that averages their probabilities")
-    training = cli.add_training_args(parser, RECIPE)
+    training = flags.add_training_args(parser, RECIPE)
     training.add_argument("--lr-backbone", type=cli.positive_float, default=RECIPE.lr_backbone,
                           help="learning rate of the unfrozen stages (None: the same as --lr)")
 

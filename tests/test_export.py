@@ -1,4 +1,5 @@
 """export.py and predict.py: verified ONNX export, int8, metadata, and inference without torch."""
+import ast
 import copy
 import csv
 import json
@@ -156,6 +157,38 @@ def test_predict_runs_without_torch_and_matches_pytorch(cnn3_export, target_run,
     assert all(0 < r["p50_ms"] <= r["p95_ms"] for r in report["latency"])
     text = run_script("predict.py", "--benchmark", int8, "--benchmark-runs", "2", env=env).stdout
     assert "session created" in text and "first run" in text and "p95 ms" in text, text
+
+
+def _imports_reached(script):
+    """Every module an `import` anywhere in `script` names (inside functions too, so a call that is
+    not run in a test is covered), following the lib modules it reaches, lib/__init__.py included."""
+    reached, todo = set(), [script, REPO / "lib" / "__init__.py"]
+    while todo:
+        tree = ast.parse(todo.pop().read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module == "lib":
+                names = [f"lib.{alias.name}" for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module]
+            else:
+                continue
+            for name in set(names) - reached:
+                reached.add(name)
+                if name.startswith("lib."):
+                    todo.append(REPO / "lib" / f"{name.split('.')[1]}.py")
+    return reached
+
+
+def test_predict_py_reaches_no_torch_import_by_construction():
+    """Not only what a run of predict.py imports (the test above) but every import statement of
+    predict.py and of the lib modules it reaches (lib.cli, lib.edge, lib.images, ...)."""
+    reached = _imports_reached(REPO / "predict.py")
+    assert {"lib.cli", "lib.edge", "lib.images"} <= reached
+    assert not {name for name in reached if name.split(".")[0] in ("torch", "torchvision")
+                or name in ("lib.flags", "lib.augment", "lib.balance")}, sorted(reached)
+    assert "torch" in _imports_reached(REPO / "train.py"), "the walk would not find torch; it proves nothing"
 
 
 def _one_line_error(result, *needles):
