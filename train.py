@@ -17,9 +17,7 @@ from lib.engine import fit, run_report
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
 from lib.plots import plot_curves
-from lib.recipe import TrainConfig, config_from_args
-
-RECIPE = TrainConfig()
+from lib.recipe import RECIPES, config_from_args
 
 
 def get_args_parser():
@@ -45,7 +43,7 @@ def get_args_parser():
     parser.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"),
                         help="per-channel standard deviation, as --mean; ImageNet's is 0.229 0.224 0.225 "
                              "(None: published --weights' own, else the training split's)")
-    flags.add_training_args(parser, RECIPE)
+    flags.add_training_args(parser, RECIPES["train"])
     cli.add_run_args(parser, "output folder for checkpoints, metrics.csv and curves.png")
     return parser
 

@@ -28,13 +28,13 @@ from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
 from lib.data import load_split  # noqa: E402
 from lib.engine import _epoch_batches, _train_epoch, predict_probs  # noqa: E402
-from lib.recipe import (TrainConfig, amp_helps, autocast, make_ema, make_optimizer, make_scaler,  # noqa: E402
+from lib.recipe import (RECIPES, TrainConfig, amp_helps, autocast, make_ema, make_optimizer, make_scaler,  # noqa: E402
                         make_scheduler)
 from lib.flops import inference_flops, training_flops  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.models import DEFAULT_MODEL, MODELS, build_model  # noqa: E402
 
-RECIPE = TrainConfig()
+RECIPE = RECIPES["train"]
 
 
 def get_args_parser():

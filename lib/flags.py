@@ -58,7 +58,7 @@ def add_loading_args(group, from_checkpoint=False):
 
 
 def add_training_args(parser, defaults):
-    """Training flags of train.py and transfer.py; defaults come from the recipe (TrainConfig)."""
+    """Training flags of train.py and transfer.py; defaults: a recipe (lib.recipe.RECIPES)."""
     from lib.augment import PRESETS  # not at the top: they import torch, which the data flags' users need not
     from lib.balance import CLASS_WEIGHTS, SAMPLERS
 

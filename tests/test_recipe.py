@@ -17,7 +17,8 @@ from lib.engine import fit
 from lib.errors import UserError
 from lib.metrics import epoch_metrics
 from lib.models import build_model, resolve_stem
-from lib.recipe import TrainConfig, config_lr_factor, ema_weight, lr_factor, make_ema, train_size
+from lib.recipe import (RECIPES, TrainConfig, config_from_args, config_lr_factor, ema_weight, lr_factor, make_ema,
+                        train_size)
 
 
 def test_learning_rate_schedules_warm_up_and_decay():
@@ -387,3 +388,16 @@ def test_recipe_plot_marks_both_defaults(tmp_path):
                      "new,1,0.89,0.99,16,106,new default\nother,0,0.88,0.987,24,160,\n")
     result = run_script("bench/plot_recipes.py", table, tmp_path / "recipes.png")
     assert "3 settings" in result.stdout and (tmp_path / "recipes.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("script, recipe", [("train.py", "train"), ("transfer.py", "transfer"),
+                                            ("crossval.py", "transfer")])
+def test_each_script_trains_with_its_named_recipe_by_default(script, recipe):
+    """The scripts' defaults are lib.recipe.RECIPES' records, every field (--amp auto resolved)."""
+    import importlib
+    required = {"train.py": [], "transfer.py": ["--source", "s.pt"], "crossval.py": ["--source", "s.pt"]}[script]
+    args = importlib.import_module(script[:-3]).get_args_parser().parse_args(["--data", "demo", "--out", "o",
+                                                                              *required])
+    config = config_from_args(args, torch.device("cpu"))
+    assert config == dataclasses.replace(RECIPES[recipe], amp=config.amp)
+    assert RECIPES["train"] != RECIPES["transfer"]
