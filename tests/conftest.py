@@ -7,6 +7,7 @@ same parser and main in-process (run_main), which spares an interpreter's start-
 import importlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from contextlib import redirect_stderr, redirect_stdout
@@ -104,3 +105,20 @@ def target_run(demo_data, tmp_path_factory):
     run_script("train.py", "--data", demo_data, "--task", "target", "--model", "cnn3",
                "--epochs", "3", "--warmup-epochs", "0", "--ema", "0", "--out", out, "--overwrite")
     return out
+
+
+@pytest.fixture(scope="module")
+def tiny_imagefolder(demo_data, tmp_path_factory):
+    """8 train and 4 val images of the demo target task, as an ImageFolder: enough for a few
+    fastnet steps at large sizes."""
+    from lib.data import load_split
+
+    root = tmp_path_factory.mktemp("tiny")
+    for split, count in (("train", 8), ("val", 4)):
+        part = load_split(demo_data, split, "target")
+        for label in (0, 1):
+            names = [n for n, l in zip(part.filenames, part.labels.tolist()) if l == label][:count // 2]
+            (root / split / part.classes[label]).mkdir(parents=True)
+            for name in names:
+                shutil.copy(demo_data / "images" / name, root / split / part.classes[label] / name)
+    return root
