@@ -175,3 +175,17 @@ def test_ensemble_averages_each_runs_heldout_probabilities_at_its_own_pick(tmp_p
     _record(tmp_path / "c", probs["b"], [0.4, 0.3], ["other.png", *names[1:]])
     with pytest.raises(UserError, match="holds out other images"):
         crossval.ensemble([tmp_path / "a", tmp_path / "c"])
+
+
+def test_crossval_folds_are_index_views_of_the_mapped_pixels(demo_data):
+    train, val = (load_split(demo_data, split, "target") for split in ("train", "val"))
+    pooled = crossval.pool(train, val)
+    assert pooled.images.parts[0] is train.images and pooled.images.parts[1] is val.images, "no copy"
+    together = torch.cat([train.images, val.images])
+    index = torch.tensor([0, 5, len(train) - 1, len(train), len(together) - 1, 3])
+    assert torch.equal(pooled.images[index], together[index])
+    fold_train, heldout = crossval.folds(pooled, 5, seed=0)[0]
+    assert torch.equal(heldout.images[1:3], together[heldout.images.index[1:3]])
+    assert torch.equal(heldout.images[::2], together[heldout.images.index[::2]])
+    assert torch.equal(heldout.images[1], together[heldout.images.index[1]])
+    assert heldout.images.shape == (len(heldout), 3, 64, 64)
