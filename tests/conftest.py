@@ -122,3 +122,11 @@ def tiny_imagefolder(demo_data, tmp_path_factory):
             for name in names:
                 shutil.copy(demo_data / "images" / name, root / split / part.classes[label] / name)
     return root
+
+
+@pytest.fixture(scope="session")
+def cnn3_export(target_run, tmp_path_factory):
+    """target_run's best.pt exported with --quantize int8 (the default x86 target): (OUT, stdout)."""
+    out = tmp_path_factory.mktemp("cnn3_onnx") / "model.onnx"
+    result = run_script("export.py", "--checkpoint", target_run / "best.pt", "--out", out, "--quantize", "int8")
+    return out, result.stdout
