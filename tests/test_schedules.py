@@ -1,12 +1,15 @@
 """The schedules of lib.recipe, pure functions of (epoch, step) and the config: the learning rate
-(warm-up, cosine, step, linear, onecycle) and progressive resizing, alone and through train.py."""
+(warm-up, cosine, step, linear, onecycle; metrics.csv's lr column) and progressive resizing, alone
+and through train.py."""
 import csv
+import math
 
 import pytest
 import torch
 
 from conftest import run_main
 from lib.augment import augment_batch
+from lib.data import load_split
 from lib.recipe import TrainConfig, config_lr_factor, lr_factor, train_size
 
 
@@ -81,3 +84,15 @@ def test_progressive_resizing_ends_at_full_size_through_the_script(tiny_imagefol
     assert [int(r["size"]) for r in rows] == expected
     logged = [int(line.split("px")[0].split()[-1]) for line in result.stdout.splitlines() if line.startswith("epoch")]
     assert logged == expected
+
+
+def test_lr_column_is_the_rate_each_epoch_trained_with(source_run, demo_data):
+    # source_run: 3 epochs of the recipe's schedule from lr 2e-3 (a warm-up epoch, then cosine),
+    # stepped every batch: the column is the mean rate of the epoch's steps, read before each
+    # step, so the last epoch still trains (not 0).
+    rows = list(csv.DictReader(open(source_run / "metrics.csv")))
+    steps = math.ceil(len(load_split(demo_data, "train", "source")) / 64)
+    expected = [2e-3 * sum(lr_factor(step / steps, "cosine", 3, 10, 0.1, 1.0)
+                           for step in range((epoch - 1) * steps, epoch * steps)) / steps for epoch in (1, 2, 3)]
+    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-9)
+    assert expected[0] < expected[1] and expected[2] > 0
