@@ -52,8 +52,8 @@ class TrainConfig:
 
 
 # The named recipes, side by side: the defaults of train.py ("train") and of transfer.py and
-# crossval.py ("transfer"). Tune them here, nowhere else; each line's figures come from the
-# docs/recipes.md sections named above it.
+# crossval.py ("transfer"). Tune them here, nowhere else. Above each, the docs/recipes.md sections
+# its figures come from (docs/training.md, "train.py's recipe", lists every figure of the first).
 RECIPES = {
     # "The source recipe in short" (20 epochs, weight average 0.99, a warm-up epoch, progressive resizing
     # from 32 px, validation every 2 epochs), "The average's BatchNorm statistics, and small train splits"
@@ -61,8 +61,8 @@ RECIPES = {
     "train": TrainConfig(),
     # "Target task" (AdamW lr 1e-3, the standard augmentation; weight average 0.95: 7 steps an epoch on 420
     # images need a shorter memory than train's), "Nested cross-validation of the checkpoint rule and the
-    # schedule" (30 epochs at full size, the last epoch, no early stopping, validated every epoch); one pass
-    # an epoch (--min-steps 0).
+    # schedule" (30 epochs at full size, the last epoch, no early stopping); 140 val images are cheap to
+    # validate every epoch; one pass an epoch (--min-steps 0).
     "transfer": TrainConfig(epochs=30, min_steps=0, lr=1e-3, patience=None, ema=0.95, eval_every=1, min_size=0,
                             select="last"),
 }
