@@ -2,8 +2,8 @@
 export.py): apart from lib/cli, which predict.py imports and which never reaches torch, because
 the training flags' choices come from modules that do (augmentation presets, samplers).
 """
-from lib.cli import OneOrMore, add_max_pixels_arg, non_negative_float, non_negative_int, positive_float, \
-    positive_int, positive_int_or_none, probability, unit_interval
+from lib.cli import (OneOrMore, add_max_pixels_arg, non_negative_float, non_negative_int, positive_float,
+                     positive_int, positive_int_or_none, probability, unit_interval)
 from lib.images import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
 
 DEFAULT_IMAGE_SIZE = 64
