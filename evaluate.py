@@ -8,7 +8,7 @@ class names must be the model's, in any order (results are in the model's order)
 """
 from pathlib import Path
 
-from lib import cli, distributed, evaluation
+from lib import cli, distributed, evaluation, flags
 from lib.data import SPLITS, load_split, match_classes
 from lib.errors import UserError
 from lib.files import write_json
@@ -20,7 +20,7 @@ def get_args_parser():
     parser = cli.make_parser(__doc__)
     parser.add_argument("--checkpoint", required=True,
                         help="a checkpoint from train.py/transfer.py, or an exported .onnx model")
-    cli.add_data_args(parser, image_size=False)
+    flags.add_data_args(parser, image_size=False)
     parser.add_argument("--split", choices=SPLITS, default="test",
                         help="split to evaluate; an unlabelled one (challenge) gets predictions only")
     parser.add_argument("--tta", action="store_true",

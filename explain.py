@@ -8,7 +8,7 @@ An ensemble checkpoint is explained at the layer(s) of every member, for the ens
 """
 from pathlib import Path
 
-from lib import cam, cli, distributed, image_sets, plots
+from lib import cam, cli, distributed, flags, image_sets, plots
 from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
 from lib.data import SPLITS, match_classes
 from lib.ensemble import in_class_order
@@ -25,7 +25,7 @@ def get_args_parser():
     which.add_argument("--compare", nargs=2, metavar=("CKPT_A", "CKPT_B"),
                        help="explain the same images with two checkpoints (the same class names, in any order), "
                             "side by side")
-    cli.add_data_args(parser, image_size=False, data_required=False)
+    flags.add_data_args(parser, image_size=False, data_required=False)
     group = parser.add_argument_group("explanation")
     group.add_argument("--split", choices=SPLITS, default="val", help="which split of --data to explain")
     group.add_argument("--num-images", type=cli.non_negative_int, default=16,

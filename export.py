@@ -13,10 +13,10 @@ recipes (lib.quantize.recipes_to_try) before giving up.
 """
 import sys
 
-from lib import cli
+from lib import cli, flags
 from lib.benchmark import compare_engines, engines_table
 from lib.data import SPLITS
-from lib.export_set import BIG_BATCH, Int8Plan, export_checkpoint
+from lib.export_set import BIG_BATCH, Int8Plan, eager_runner, export_checkpoint
 from lib.int8_gate import Gate
 from lib.onnx_export import DEFAULT_OPSET, RUNTIME_FOR_OPSET
 from lib.quantize import CALIBRATION_METHODS, DEFAULT_TARGET, TARGETS
@@ -50,7 +50,7 @@ def get_args_parser():
                               help="verify and calibrate on generated drawings instead of real images")
     verification.add_argument("--tolerance", type=cli.positive_float, default=1e-4,
                               help="largest allowed absolute difference of a probability from PyTorch's")
-    cli.add_loading_args(verification, from_checkpoint=True)
+    flags.add_loading_args(verification, from_checkpoint=True)
     int8 = parser.add_argument_group("int8")
     int8.add_argument("--quantize", choices=["int8"], default=None,
                       help="also write a static int8 (QDQ) model calibrated on training images")
@@ -95,8 +95,8 @@ def main(args):
     print("\n".join(result.lines()))
     if args.benchmark:
         models = {name: result.outputs[name] for name in result.written if name != "optimized"}
-        table, threads = compare_engines(result.wrapper, models, result.pixels[:BIG_BATCH], (1, BIG_BATCH),
-                                         args.benchmark_runs)
+        run, threads = eager_runner(result.wrapper)
+        table = compare_engines(run, threads, models, result.pixels[:BIG_BATCH], (1, BIG_BATCH), args.benchmark_runs)
         print(engines_table(table, threads, args.benchmark_runs, BIG_BATCH))
     if result.int8_refused:
         earlier = result.outputs["int8"]

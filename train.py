@@ -10,21 +10,19 @@ OUT/metrics.csv and OUT/curves.png.
 """
 import torch
 
-from lib import cli, distributed, unlabelled, weights
+from lib import cli, distributed, flags, unlabelled, weights
 from lib.checkpoint import data_lineage
 from lib.data import load_datasets, photo_side
 from lib.engine import fit, run_report
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
 from lib.plots import plot_curves
-from lib.recipe import TrainConfig, config_from_args
-
-RECIPE = TrainConfig()
+from lib.recipe import RECIPES, config_from_args
 
 
 def get_args_parser():
     parser = cli.make_parser(__doc__, epilog=describe_models())
-    cli.add_data_args(parser, size_from_weights=True, several=True)
+    flags.add_data_args(parser, size_from_weights=True, several=True)
     parser.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL, metavar="NAME",
                         help="architecture: fastnet, cnn3 or any torchvision classification model (listed below); "
                              "fastnet is the most accurate from scratch at 64 and 128 px alike (README: the 128-px "
@@ -45,7 +43,7 @@ def get_args_parser():
     parser.add_argument("--std", type=cli.positive_float, nargs=3, metavar=("R", "G", "B"),
                         help="per-channel standard deviation, as --mean; ImageNet's is 0.229 0.224 0.225 "
                              "(None: published --weights' own, else the training split's)")
-    cli.add_training_args(parser, RECIPE)
+    flags.add_training_args(parser, RECIPES["train"])
     cli.add_run_args(parser, "output folder for checkpoints, metrics.csv and curves.png")
     return parser
 

@@ -23,24 +23,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from lib import cli, distributed  # noqa: E402
+from lib import cli, distributed, flags  # noqa: E402
 from lib.benchmark import timed  # noqa: E402
 from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
 from lib.files import write_json  # noqa: E402
 from lib.data import load_split  # noqa: E402
 from lib.engine import _epoch_batches, _train_epoch, predict_probs  # noqa: E402
-from lib.recipe import (TrainConfig, amp_helps, autocast, make_ema, make_optimizer, make_scaler,  # noqa: E402
+from lib.recipe import (RECIPES, TrainConfig, amp_helps, autocast, make_ema, make_optimizer, make_scaler,  # noqa: E402
                         make_scheduler)
 from lib.flops import inference_flops, training_flops  # noqa: E402
 from lib.errors import UserError  # noqa: E402
 from lib.models import DEFAULT_MODEL, MODELS, build_model  # noqa: E402
 
-RECIPE = TrainConfig()
+RECIPE = RECIPES["train"]
 
 
 def get_args_parser():
     parser = cli.make_parser(__doc__)
-    cli.add_data_args(parser)
+    flags.add_data_args(parser)
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=[DEFAULT_MODEL, "resnet18"], metavar="NAME",
                         help="architectures to time: fastnet, cnn3 or any torchvision classification model")
     parser.add_argument("--batch-size", type=cli.positive_int, default=RECIPE.batch_size)

@@ -3,7 +3,7 @@
 Every figure is wall-clock time after untimed warm-up runs (the first run allocates and picks
 kernels, so it is slow); callers report medians or percentiles, never a mean a stray slow run
 would move. torch-free at import (predict.py uses this module on devices without PyTorch):
-compare_engines, the one function that runs PyTorch, imports it when called.
+compare_engines times PyTorch through a callable the caller builds (lib.export_set.eager_runner).
 """
 import json
 import os
@@ -87,30 +87,22 @@ def format_benchmark(report):
 
 # --- PyTorch against onnxruntime on this machine (export.py --benchmark) ------------------------
 
-def compare_engines(wrapper, model_paths, pixels, batch_sizes=(1, 64), runs=20, warmup=3):
-    """({engine: {batch size: median ms}}, threads): PyTorch eager running `wrapper` (a module taking
-    uint8 (N, H, W, 3) pixels, as the exported graph does) against each ONNX model in model_paths
-    ({name: path}), on `pixels` repeated or cut to each batch size.
-
-    onnxruntime gets as many threads as torch uses, so the comparison is like for like.
+def compare_engines(pytorch_run, threads, model_paths, pixels, batch_sizes=(1, 64), runs=20, warmup=3):
+    """{engine: {batch size: median ms}}: PyTorch eager (`pytorch_run`, a callable on uint8 (N, H, W, 3)
+    numpy pixels, e.g. lib.export_set.eager_runner's) against each ONNX model in model_paths
+    ({name: path}), on `pixels` repeated or cut to each batch size. onnxruntime gets `threads`
+    (torch's), so the comparison is like for like; this module stays torch-free.
     """
-    import torch  # here, not at the top: predict.py imports this module without PyTorch
-
-    threads = torch.get_num_threads()
     batches = {b: np.ascontiguousarray(np.resize(pixels, (b, *pixels.shape[1:]))) for b in batch_sizes}
-    table = {}
-    wrapper.eval()
-    with torch.inference_mode():
-        table["pytorch eager"] = {b: statistics.median(time_runs(lambda x=torch.from_numpy(x): wrapper(x), runs,
-                                                                 warmup))
-                                  for b, x in batches.items()}
+    table = {"pytorch eager": {b: statistics.median(time_runs(lambda x=x: pytorch_run(x), runs, warmup))
+                               for b, x in batches.items()}}
     for name, path in model_paths.items():
         session = make_session(path, threads=threads)
         feed = session.get_inputs()[0].name
         table[f"onnxruntime {name}"] = {
             b: statistics.median(time_runs(lambda x=x: session.run(None, {feed: x}), runs, warmup))
             for b, x in batches.items()}
-    return table, threads
+    return table
 
 
 def engines_table(table, threads, runs, big_batch=64):

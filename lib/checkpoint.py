@@ -27,7 +27,7 @@ from lib.errors import UserError
 from lib.files import atomic_write
 from lib.images import DEFAULT_MAX_PIXELS
 from lib.models import MODELS, Ensemble, build_model, stems_of
-from lib.recipe import TrainConfig
+from lib.recipe import RECIPES
 
 FORMAT = "landmark-classification/2"
 READABLE = (FORMAT, "landmark-classification/1")
@@ -223,7 +223,7 @@ def _legacy_defaults():
     """What a run from before a flag existed ran with: the flag's default (every flag added since
     format 2 defaults to what runs did before it). A flag missing here and from an older run's
     args is unknown there, and differs from any value."""
-    return {**asdict(TrainConfig()), "max_image_pixels": DEFAULT_MAX_PIXELS, "mean": None, "std": None,
+    return {**asdict(RECIPES["train"]), "max_image_pixels": DEFAULT_MAX_PIXELS, "mean": None, "std": None,
             "unlabelled": None,
             # Runs from before these flags had no step floor and averaged BatchNorm statistics.
             "min_steps": 0, "ema_bn_images": 0}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime
+import torch
 
 from lib import ensemble
 from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
@@ -147,3 +148,14 @@ def export_checkpoint(checkpoint_path, out, *, overwrite=False, raw_logits=False
         removed = install(staged, outputs)
     return ExportResult(outputs, list(staged), removed, bool(int8) and "int8" not in staged, attempts, wrapper,
                         pixels)
+
+
+def eager_runner(wrapper):
+    """(run, threads) for lib.benchmark.compare_engines: the export's wrapper as a callable on uint8
+    (N, H, W, 3) numpy pixels, in inference mode, and torch's thread count."""
+    wrapper.eval()
+
+    def run(pixels):
+        with torch.inference_mode():
+            return wrapper(torch.from_numpy(pixels))
+    return run, torch.get_num_threads()

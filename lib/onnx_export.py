@@ -38,7 +38,7 @@ from lib.metrics import auroc
 # (docs/reference/compatibility.md), except opset 19, which 1.15 loads but cannot run (no Cast-19).
 RUNTIME_FOR_OPSET = {17: "1.12", 18: "1.14", 19: "1.16", 20: "1.17", 21: "1.18"}
 DEFAULT_OPSET = 18
-# tests/test_export.py runs predict.py under this runtime when OLD_ORT_PYTHON names one (.ci/run does).
+# tests/test_edge.py runs predict.py under this runtime when OLD_ORT_PYTHON names one (.ci/run does).
 OLDEST_TESTED_ONNXRUNTIME = "1.15.1"
 INPUT_NAME = "pixels"
 EXPORTER_OPSET = 18  # the oldest opset torch's dynamo exporter writes without converting

@@ -1,4 +1,5 @@
-"""A training recipe and its pure parts: the config, optimiser, schedules, weight average, precision.
+"""The named training recipes and their pure parts: the config, optimiser, schedules, weight
+average, precision.
 
 The schedules are functions of (epoch, step) and the config only, not carried state, which is
 what makes a resumed run repeat an uninterrupted one: the learning rate after t epochs
@@ -14,9 +15,9 @@ from torch.optim.swa_utils import AveragedModel
 from lib.errors import UserError
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """A training recipe; the defaults are train.py's (see README: the fast recipe and why)."""
+    """A training recipe; the defaults are train.py's, RECIPES["train"] (docs/recipes.md: how it was found)."""
     epochs: int = 20
     min_steps: int = 600             # optimizer updates at least (passes_per_epoch); 0: one pass an epoch
     batch_size: int = 64
@@ -48,6 +49,23 @@ class TrainConfig:
     channels_last: bool = False
     compile: bool = False
     sync_bn: bool = False
+
+
+# The named recipes, side by side: the defaults of train.py ("train") and of transfer.py and
+# crossval.py ("transfer"). Tune them here, nowhere else. Above each, the docs/recipes.md sections
+# its figures come from (docs/training.md, "train.py's recipe", lists every figure of the first).
+RECIPES = {
+    # "The source recipe in short" (20 epochs, weight average 0.99, a warm-up epoch, progressive resizing
+    # from 32 px, validation every 2 epochs), "The average's BatchNorm statistics, and small train splits"
+    # (--ema-bn-images 64, --min-steps 600), "MixUp and CutMix, measured" (both off).
+    "train": TrainConfig(),
+    # "Target task" (AdamW lr 1e-3, the standard augmentation; weight average 0.95: 7 steps an epoch on 420
+    # images need a shorter memory than train's), "Nested cross-validation of the checkpoint rule and the
+    # schedule" (30 epochs at full size, the last epoch, no early stopping); 140 val images are cheap to
+    # validate every epoch; one pass an epoch (--min-steps 0).
+    "transfer": TrainConfig(epochs=30, min_steps=0, lr=1e-3, patience=None, ema=0.95, eval_every=1, min_size=0,
+                            select="last"),
+}
 
 
 def config_from_args(args, device):

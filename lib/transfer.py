@@ -14,26 +14,15 @@ from pathlib import Path
 
 import torch
 
-from lib import cli
+from lib import cli, flags
 from lib.checkpoint import build_from_checkpoint, data_lineage, file_hash, load_checkpoint
-from lib.recipe import TrainConfig
+from lib.recipe import RECIPES
 from lib.errors import UserError
 from lib.files import write_csv
 from lib.models import head_name, replace_head, resolve_stem, stage_count, stages
 from lib.weights import WEIGHTS_LINEAGE
 
-# The recommended transfer recipe: transfer.py's defaults. Tune it here, nowhere else.
-# Measured on the landmarks (README): with fastnet, freezing the stem only, the standard
-# augmentation and progressive resizing (as in train.py) gave the best val loss and AUROC; the
-# strong augmentation and freezing more stages did worse. 7 steps an epoch on 420 images: the
-# weight average needs a shorter memory than train.py's. Validating 140 images is cheap.
-# OUT/model.pt is best.pt's epoch (select="best", by val balanced accuracy) until crossval.py's nested
-# cross-validation has scored the rules (lib.selection).
-# Chosen by nested cross-validation (README, "transfer.py"): on the 140-image target val split
-# "best" is decided by one or two images, while the annealed last epoch of a 30-epoch schedule at
-# full size scores better on held-out photos; so no early stopping and no progressive resizing.
-RECIPE = TrainConfig(epochs=30, min_steps=0, lr=1e-3, patience=None, ema=0.95, eval_every=1, min_size=0,
-                    select="last")
+# The stem only (docs/recipes.md, "Target task"): freezing more stages did worse on the landmarks.
 DEFAULT_FREEZE = ["1"]
 
 SWEEP_COLUMNS = ["frozen_stages", "trainable_params", "best_epoch", "best_val_auroc",
@@ -43,7 +32,7 @@ SWEEP_COLUMNS = ["frozen_stages", "trainable_params", "best_epoch", "best_val_au
 def add_transfer_args(parser, sweep):
     """The flags of transfer.py and crossval.py: source, data, frozen stages and the recipe."""
     parser.add_argument("--source", required=True, help="checkpoint to start from (train.py's best.pt)")
-    cli.add_data_args(parser, image_size=False, several=True)
+    flags.add_data_args(parser, image_size=False, several=True)
     parser.add_argument("--freeze", nargs="+" if sweep else None, default=DEFAULT_FREEZE if sweep else DEFAULT_FREEZE[0],
                         metavar="K", help="how many stages to freeze, input side first (train.py --help lists each "
                                           "model's): 0 fine-tunes everything, 'all' trains only the head"
@@ -52,8 +41,8 @@ def add_transfer_args(parser, sweep):
         parser.add_argument("--seeds", nargs="+", type=int, metavar="S",
                             help="train one model per seed (instead of --seed) into OUT/seed-S/ and write "
                                  "OUT/model.pt, an ensemble checkpoint that averages their probabilities")
-    training = cli.add_training_args(parser, RECIPE)
-    training.add_argument("--lr-backbone", type=cli.positive_float, default=RECIPE.lr_backbone,
+    training = flags.add_training_args(parser, RECIPES["transfer"])
+    training.add_argument("--lr-backbone", type=cli.positive_float, default=RECIPES["transfer"].lr_backbone,
                           help="learning rate of the unfrozen stages (None: the same as --lr)")
 
 

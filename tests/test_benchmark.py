@@ -12,6 +12,7 @@ from onnx import TensorProto, helper
 from conftest import REPO
 from lib import benchmark
 from lib.edge import INPUT_LAYOUT, METADATA_FORMAT
+from lib.export_set import eager_runner
 
 SIZE = 4
 
@@ -66,7 +67,8 @@ def test_pytorch_and_each_onnx_model_are_timed_at_each_batch_size(tmp_path):
 
     models = {"fp32": _tiny_model(tmp_path / "a.onnx"), "int8": _tiny_model(tmp_path / "b.onnx")}
     pixels = np.random.default_rng(0).integers(0, 256, (3, SIZE, SIZE, 3), dtype=np.uint8)
-    table, threads = benchmark.compare_engines(MeanPerChannel(), models, pixels, (1, 5), runs=2, warmup=1)
+    run, threads = eager_runner(MeanPerChannel())
+    table = benchmark.compare_engines(run, threads, models, pixels, (1, 5), runs=2, warmup=1)
     assert threads == torch.get_num_threads()
     assert list(table) == ["pytorch eager", "onnxruntime fp32", "onnxruntime int8"]
     assert all(sorted(times) == [1, 5] and all(ms > 0 for ms in times.values()) for times in table.values())
@@ -76,7 +78,7 @@ def test_pytorch_and_each_onnx_model_are_timed_at_each_batch_size(tmp_path):
 
 
 def test_the_module_imports_without_torch():
-    """predict.py --benchmark runs on devices without PyTorch: only compare_engines may need it."""
+    """predict.py --benchmark runs on devices without PyTorch."""
     code = "import sys; sys.modules['torch'] = None; import lib.benchmark"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

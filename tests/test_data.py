@@ -1,13 +1,9 @@
 """The data path: every kind of image file decodes to the right pixels or is refused in one line,
-dataset files as real tools write them, the pixel cache, the resize policy end to end."""
+dataset files as real tools write them, the resize policy end to end (the pixel cache:
+test_pixel_cache.py)."""
 import csv
-import fcntl
 import json
-import os
-import signal
 import struct
-import subprocess
-import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -17,10 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SCRIPT_ENV, run_main
-from lib import crossval, pixel_cache
+from conftest import run_main
 from lib.checkpoint import load_checkpoint, save_checkpoint
-from lib.data import channel_stats, load_split
+from lib.data import load_split
 from lib.demo import render_image
 from lib.edge import read_metadata
 from lib.errors import UserError
@@ -229,159 +224,6 @@ def test_names_escaping_images_are_refused_as_written(demo_data, tmp_path):
     (data / "landmarks.csv").write_text(text)
     with pytest.raises(UserError, match=r"'sub/\.\./.*' points outside .*absolute paths and '\.\.' are refused"):
         load_split(data, "val", "target", cache_dir=None)
-
-
-# --- the pixel cache (issue 16) --------------------------------------------------------------------
-
-def folder_dataset(root, count=6):
-    return imagefolder(root, {f"{i}.png": lambda p, i=i: Image.fromarray(photo(i, 48)).save(p) for i in range(count)})
-
-
-def entries(cache):
-    return sorted(p.name for p in cache.rglob("*") if p.is_file() and p.name != ".lock")
-
-
-def test_cache_is_read_back_without_decoding_and_holds_the_statistics(tmp_path, monkeypatch):
-    data, cache = folder_dataset(tmp_path / "d"), tmp_path / "cache"
-    first = load_split(data, "val", image_size=32, cache_dir=cache)
-    assert len(entries(cache)) == 2, entries(cache)  # CONTENT.u8 and CONTENT.json
-    monkeypatch.setattr(pixel_cache, "decode_image", lambda *a: pytest.fail("decoded again"))
-    second = load_split(data, "val", image_size=32, cache_dir=cache)
-    assert torch.equal(first.images, second.images) and first.filenames == second.filenames
-    [pixels] = [name for name in entries(cache) if name.endswith(".u8")]
-    assert pixels in Path("/proc/self/maps").read_text(), "the images are a memory map of the cached file"
-    reference = second.images.double() / 255
-    assert second.mean == pytest.approx(reference.mean(dim=(0, 2, 3)).tolist(), abs=1e-12)
-    assert second.std == pytest.approx(reference.std(dim=(0, 2, 3)).tolist(), abs=1e-12)
-    assert channel_stats(second.images) == (second.mean, second.std)
-    monkeypatch.undo()
-    uncached = load_split(data, "val", image_size=32, cache_dir=None)
-    assert torch.equal(uncached.images, first.images)
-    other = load_split(data, "val", image_size=32, resize="crop", cache_dir=cache)
-    assert len(entries(cache)) == 4, "decoding settings have an entry each"
-    assert torch.equal(other.images, first.images), "square photos: crop is squash"
-
-
-@pytest.mark.parametrize("change", ["changed", "added", "removed"])
-def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, change):
-    data, cache = folder_dataset(tmp_path / "d"), tmp_path / "cache"
-    before = load_split(data, "val", image_size=32, cache_dir=cache)
-    folder = data / "val"
-    if change == "changed":
-        Image.fromarray(photo(99, 48)).save(folder / "2.png")
-        os.utime(folder / "2.png", ns=(0, os.stat(folder / "2.png").st_mtime_ns + 10**9))
-    elif change == "added":
-        Image.fromarray(photo(99, 48)).save(folder / "9.png")
-    else:
-        (folder / "2.png").unlink()
-    after = load_split(data, "val", image_size=32, cache_dir=cache)
-    assert after.filenames == sorted(str(p.relative_to(data)) for p in folder.iterdir())
-    assert torch.equal(after.images, load_split(data, "val", image_size=32, cache_dir=None).images)
-    if change == "changed":
-        assert not torch.equal(after.images[2], before.images[2])
-    assert len(entries(cache)) == 2, "the stale entry was replaced, not kept beside"
-
-
-# The subprocesses use lib.pixel_cache alone (torch-free, so they start fast): the guarantees are its own.
-KILLER = """
-import os, signal, sys
-sys.path.insert(0, {repo!r})
-from lib import pixel_cache
-def killed(*args, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)
-real = getattr(pixel_cache, {target!r})
-def wrapper(*args, **kwargs):
-    real(*args, **kwargs)  # the images decoded into the temporary file, then killed
-    killed()
-setattr(pixel_cache, {target!r}, {replacement})
-pixel_cache.load_pixels({files!r}, pixel_cache.Decoding(32), {cache!r}, identity="photos")
-"""
-
-
-def photo_files(root, count=6):
-    return sorted(str(p) for p in (folder_dataset(root, count) / "val").iterdir())
-
-
-@pytest.mark.parametrize("when", ["while decoding", "before the sidecar"])
-def test_a_run_killed_while_writing_the_cache_leaves_nothing_trusted(tmp_path, monkeypatch, when):
-    files, cache = photo_files(tmp_path / "d"), tmp_path / "cache"
-    target, replacement = ("_decode_chunk", "wrapper") if when == "while decoding" else ("write_json", "killed")
-    script = KILLER.format(repo=str(REPO), target=target, replacement=replacement, files=files, cache=str(cache))
-    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env={**os.environ, **SCRIPT_ENV}, timeout=120)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
-    left = entries(cache)
-    assert left and not any(name.endswith(".json") for name in left), left  # pixels, but no sidecar
-    decoded = []
-    real = pixel_cache.decode_image
-    monkeypatch.setattr(pixel_cache, "decode_image", lambda *a: decoded.append(a) or real(*a))
-    pixels = pixel_cache.load_pixels(files, pixel_cache.Decoding(32), cache, identity="photos")
-    assert len(decoded) == 6, "the killed run's pixels must not be used"
-    np.testing.assert_array_equal(pixels.images, pixel_cache.load_pixels(files, pixel_cache.Decoding(32), None).images)
-    assert len(entries(cache)) == 2 and not any(n.endswith(".tmp") for n in entries(cache)), entries(cache)
-
-
-def test_one_writer_at_a_time(tmp_path):
-    """A process that finds the entry's lock taken waits for it (torchrun ranks, two scripts)."""
-    files, cache = photo_files(tmp_path / "d"), tmp_path / "cache"
-    pixel_cache.load_pixels(files, pixel_cache.Decoding(32), cache, identity="photos")
-    [lock] = cache.glob("*/.lock")
-    for name in entries(cache):
-        next(cache.rglob(name)).unlink()  # the entry is gone: the next reader must write it
-    fd = os.open(lock, os.O_RDWR)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    script = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from lib import pixel_cache; print(len(pixel_cache."
-              f"load_pixels({files!r}, pixel_cache.Decoding(32), {str(cache)!r}, identity='photos').kept))")
-    waiting = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, **SCRIPT_ENV})
-    try:
-        line = ""
-        while line is not None and "waiting for another process decoding" not in line:
-            line = waiting.stderr.readline() or None  # None: it ended without waiting
-        assert line, waiting.communicate()
-        assert waiting.poll() is None and entries(cache) == [], "it must not write while the lock is held"
-    finally:
-        os.close(fd)
-    out, err = waiting.communicate(timeout=120)
-    assert waiting.returncode == 0 and out.strip() == "6", err
-    assert len(entries(cache)) == 2
-
-
-def test_decoding_in_worker_processes_gives_the_same_pixels(tmp_path, monkeypatch):
-    data = folder_dataset(tmp_path / "d", count=10)
-    (data / "val" / "3.png").write_bytes(b"broken")
-    alone = load_split(data, "val", image_size=32, skip_bad_images=True, cache_dir=None)
-    monkeypatch.setattr(pixel_cache, "MIN_PER_WORKER", 1)
-    monkeypatch.setattr(pixel_cache, "CHUNK", 3)
-    monkeypatch.setattr(pixel_cache, "_usable_cpus", lambda: 2)
-    pooled = load_split(data, "val", image_size=32, skip_bad_images=True, cache_dir=tmp_path / "cache")
-    assert pooled.filenames == alone.filenames and "val/3.png" not in pooled.filenames
-    assert torch.equal(pooled.images, alone.images) and (pooled.mean, pooled.std) == (alone.mean, alone.std)
-
-
-def test_crossval_folds_are_index_views_of_the_mapped_pixels(demo_data):
-    train, val = (load_split(demo_data, split, "target") for split in ("train", "val"))
-    pooled = crossval.pool(train, val)
-    assert pooled.images.parts[0] is train.images and pooled.images.parts[1] is val.images, "no copy"
-    together = torch.cat([train.images, val.images])
-    index = torch.tensor([0, 5, len(train) - 1, len(train), len(together) - 1, 3])
-    assert torch.equal(pooled.images[index], together[index])
-    fold_train, heldout = crossval.folds(pooled, 5, seed=0)[0]
-    assert torch.equal(heldout.images[1:3], together[heldout.images.index[1:3]])
-    assert torch.equal(heldout.images[::2], together[heldout.images.index[::2]])
-    assert torch.equal(heldout.images[1], together[heldout.images.index[1]])
-    assert heldout.images.shape == (len(heldout), 3, 64, 64)
-
-
-def test_same_seed_gives_identical_weights_with_and_without_the_cache(demo_data, tmp_path):
-    def weights(*extra):
-        out = tmp_path / f"run{len(extra)}"
-        run_main("train.py", "--data", demo_data, "--task", "target", "--model", "cnn3", "--epochs", "1",
-                 "--out", out, *extra)
-        return load_checkpoint(out / "last.pt")["state_dict"]
-    cached, uncached = weights(), weights("--no-pixel-cache")
-    assert cached.keys() == uncached.keys()
-    assert all(torch.equal(cached[k], uncached[k]) for k in cached)
 
 
 # --- resize policy (issue 17.3) ----------------------------------------------------------------------

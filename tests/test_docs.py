@@ -46,3 +46,15 @@ def test_the_code_map_names_every_module_script_and_benchmark():
     named = set(re.findall(r"\b((?:lib|bench)/\w+\.py)\b", text))
     absent = sorted(name for name in named if not (REPO / name).exists())
     assert not missing and not absent, f"not in the map: {missing}; in the map but not in the code: {absent}"
+
+
+def test_the_test_index_names_every_test_file_and_lib_module():
+    """tests/conftest.py's index stays true: one line for each test file, none for a file that is
+    gone, and every lib module named on the line of the file that tests it."""
+    index = (REPO / "tests" / "conftest.py").read_text(encoding="utf-8").split("Index:", 1)[1].split('"""', 1)[0]
+    named = re.findall(r"^  (test_\w+\.py) ", index, flags=re.MULTILINE)
+    files = sorted(path.name for path in (REPO / "tests").glob("test_*.py"))
+    assert sorted(named) == files and len(set(named)) == len(named), f"index: {named}; files: {files}"
+    modules = sorted(str(p.relative_to(REPO)) for p in REPO.glob("lib/*.py") if p.name != "__init__.py")
+    untested = [module for module in modules if module not in re.findall(r"lib/\w+\.py", index)]
+    assert not untested, f"lib modules the index does not name: {untested}"

@@ -16,7 +16,7 @@ from lib.edge import OnnxClassifier
 from lib.errors import UserError
 from lib.flops import inference_flops
 from lib.models import (FAMILIES, MODELS, architecture, build_model, cam_reshape, default_cam_layer, head_name,
-                        meta_device, reference_model, replace_head, stage_names, stages)
+                        meta_device, reference_model, replace_head, resolve_stem, stage_names, stages)
 from lib.transfer import build_target, freeze_stages
 from lib.weights import load_weights, open_weights
 
@@ -65,7 +65,6 @@ def test_every_model_builds_runs_and_names_its_stages_head_and_cam_layer(name):
     every = [p for group in owners for p in group] + sorted(head)
     assert sorted(every) == sorted(n for n, _ in model.named_parameters()), "a parameter in no or two places"
     assert all(set().union(*(_parameter_names(model, d) for d in stage)) for stage in names), "a stage without weights"
-
 
 
 @pytest.mark.parametrize("name", [family.names[0] for family in FAMILIES])
@@ -279,3 +278,20 @@ def test_short_runs_get_batchnorm_momentum_and_heads_that_suit_them():
         momenta = {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
         head = model.get_submodule(head_name(name))
         assert momenta == {0.1} and head.weight.std() <= 1 / head.in_features ** 0.5, name
+
+
+def test_stem_is_recorded_and_old_checkpoints_rebuild_as_they_were():
+    assert resolve_stem("resnet18", 64) == "no-maxpool" and resolve_stem("resnet18", 224) == "stock"
+    assert resolve_stem("fastnet", 64) == "standard"
+    torch.manual_seed(0)
+    stock = build_model("resnet18", 2, 64, "stock")
+    base = {"format": FORMAT, "model": "resnet18", "classes": ["a", "b"], "image_size": 64, "mean": [0.5] * 3,
+            "std": [0.25] * 3, "state_dict": stock.state_dict()}
+    legacy = build_from_checkpoint(base)  # written before checkpoints named their stem
+    assert isinstance(legacy.maxpool, torch.nn.Identity)
+    rebuilt = build_from_checkpoint({**base, "stem": "stock"})
+    assert isinstance(rebuilt.maxpool, torch.nn.MaxPool2d)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x), stock.eval()(x))
+        assert not torch.allclose(legacy(x), rebuilt(x)), "same weights, other stem: another network"

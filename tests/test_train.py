@@ -1,4 +1,4 @@
-"""train.py on the demo data: learning, self-describing checkpoints, resume, both layouts."""
+"""train.py and the training loop (lib.engine) on the demo data: learning, exact resume, both layouts."""
 import csv
 import math
 import shutil
@@ -11,16 +11,15 @@ from PIL import Image
 
 from conftest import run_main, run_script
 from lib import engine
-from lib.checkpoint import load_checkpoint, resume_mismatches
+from lib.checkpoint import load_checkpoint
 from lib.data import Split, load_split
-from lib.demo import SOURCE_CLASSES, TARGET_CLASSES
+from lib.demo import TARGET_CLASSES
 from lib.engine import fit
 from lib.errors import UserError
 from lib.evaluation import load_predictor
 from lib.metrics import epoch_metrics
 from lib.models import CNN3_MIN_SIZE, build_model
-from lib.recipe import TrainConfig, config_from_args, lr_factor
-from lib.selection import balance_note, paired_difference, ranking_note
+from lib.recipe import TrainConfig
 
 
 def test_training_beats_chance_and_writes_everything(demo_data, tmp_path):
@@ -35,29 +34,6 @@ def test_training_beats_chance_and_writes_everything(demo_data, tmp_path):
     assert [r["val_auroc"] != "" for r in rows] == [epoch % 2 == 0 for epoch in range(1, 9)]
     best = max(float(r["val_auroc"]) for r in rows if r["val_auroc"])
     assert best > 0.8, f"val AUROC {best} is not clearly above chance (0.5)"
-
-
-def test_checkpoint_describes_itself(source_run):
-    checkpoint = torch.load(source_run / "best.pt", weights_only=True)
-    assert checkpoint["model"] == "cnn3"
-    assert checkpoint["classes"] == SOURCE_CLASSES
-    assert checkpoint["image_size"] == 64
-    assert len(checkpoint["mean"]) == 3 and all(0 < s < 1 for s in checkpoint["std"])
-    assert checkpoint["args"]["task"] == "source"
-    assert {"val_accuracy", "val_auroc", "val_loss"} <= set(checkpoint["metrics"])
-    assert load_checkpoint(source_run / "last.pt")["epoch"] == 3
-
-
-def test_lr_column_is_the_rate_each_epoch_trained_with(source_run, demo_data):
-    # source_run: 3 epochs of the recipe's schedule from lr 2e-3 (a warm-up epoch, then cosine),
-    # stepped every batch: the column is the mean rate of the epoch's steps, read before each
-    # step, so the last epoch still trains (not 0).
-    rows = list(csv.DictReader(open(source_run / "metrics.csv")))
-    steps = math.ceil(len(load_split(demo_data, "train", "source")) / 64)
-    expected = [2e-3 * sum(lr_factor(step / steps, "cosine", 3, 10, 0.1, 1.0)
-                           for step in range((epoch - 1) * steps, epoch * steps)) / steps for epoch in (1, 2, 3)]
-    assert [float(r["lr"]) for r in rows] == pytest.approx(expected, rel=1e-9)
-    assert expected[0] < expected[1] and expected[2] > 0
 
 
 def test_both_layouts_load(demo_data, tmp_path):
@@ -165,46 +141,6 @@ def _describe(size=32):
             "std": [0.25] * 3, "args": {"data": "tiny"}}
 
 
-def _fit_without_improvement(out, monkeypatch, resume=False, **recipe):
-    """A run whose validation never improves after its first validated epoch."""
-    monkeypatch.setattr(engine, "predict_probs", lambda model, images, *a, **k: torch.full((len(images), 2), 0.5))
-    split = _tiny_split()
-    torch.manual_seed(0)
-    fit(build_model("cnn3", 2, 32), split, split, describe=_describe(), out=out, device=torch.device("cpu"), seed=0,
-        config=TrainConfig(batch_size=4, min_steps=0, augment="none", ema=0.0, **recipe), resume=resume)
-    return load_checkpoint(out / "last.pt")
-
-
-@pytest.mark.parametrize("eval_every, validated", [(1, [1, 2, 3, 4]), (2, [2, 4, 5])])
-def test_early_stopping_counts_epochs_without_improvement(tmp_path, monkeypatch, eval_every, validated):
-    # --patience 3 counts epochs, whatever --eval-every: the first validated epoch stays the best,
-    # so the run ends 3 epochs after it, and that last epoch is validated too (with --eval-every 2:
-    # after epoch 5, not 6). A constant learning rate falls no further, so stopping is allowed.
-    last = _fit_without_improvement(tmp_path, monkeypatch, epochs=10, patience=3, scheduler="none",
-                                    eval_every=eval_every, warmup_epochs=0)
-    history = last["history"]
-    assert [row["epoch"] for row in history] == list(range(1, validated[0] + 4))
-    assert [row["epoch"] for row in history if row["val_loss"] is not None] == validated
-    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == validated[0]
-    assert load_checkpoint(tmp_path / "model.pt")["epoch"] == validated[0]
-    resumed = _fit_without_improvement(tmp_path, monkeypatch, resume=True, epochs=10, patience=3, scheduler="none",
-                                       eval_every=eval_every, warmup_epochs=0)
-    assert resumed["history"] == history, "a resumed run that had stopped must not train on"
-
-
-def test_early_stopping_waits_for_the_learning_rate_to_fall(tmp_path, monkeypatch):
-    # Cosine over 10 epochs: the rate is still 35% of its peak after epoch 6 and 21% after
-    # epoch 7, so patience 2 ends the run after epoch 7 (not 3); --select last ships epoch 7.
-    last = _fit_without_improvement(tmp_path, monkeypatch, epochs=10, patience=2, eval_every=1, select="last")
-    assert [row["epoch"] for row in last["history"]] == list(range(1, 8))
-    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 1
-    model = load_checkpoint(tmp_path / "model.pt")
-    assert model["epoch"] == 7 and model["selection"] == {"select": "last", "metric": "balanced_accuracy", "epoch": 7}
-    assert "training" not in model and "history" not in model, "model.pt holds no training state"
-    for key, tensor in last["state_dict"].items():
-        assert torch.equal(model["state_dict"][key], tensor), key
-
-
 def test_gradient_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
     """The CUDA float16 path's loss scale, with PyTorch's CPU GradScaler standing in for CUDA's
     (same class and state): it doubles after every step here, so a resume that forgot it
@@ -253,79 +189,7 @@ def test_divergence_is_a_one_line_error(tmp_path):
             out=tmp_path, device=torch.device("cpu"), seed=0)
 
 
-def test_log_says_when_val_is_too_small_to_rank_epochs():
-    # 20 val images; the best epoch is right on one more image than the last: a paired bootstrap
-    # over the same images cannot tell them apart. On 200 images, 40 more right ones can.
-    def probs(right, n):
-        labels = np.arange(n) % 2
-        predicted = np.where(np.arange(n) < right, labels, 1 - labels)
-        return labels, np.eye(2)[predicted] * 0.8 + 0.1
-
-    labels, last = probs(15, 20)
-    _, best = probs(16, 20)
-    difference, low, high = paired_difference(labels, best, last, "accuracy")
-    assert difference == pytest.approx(0.05) and low <= 0 <= high
-    assert "too small to rank them" in ranking_note(labels, 4, best, 6, last, "accuracy")
-    labels, last = probs(120, 200)
-    _, best = probs(160, 200)
-    assert "tells them apart" in ranking_note(labels, 4, best, 6, last, "accuracy")
-    assert ranking_note(labels, 6, best, 6, best, "accuracy") is None
-
-
-def test_log_says_when_accuracy_selects_on_an_unbalanced_val_split():
-    assert "unbalanced (class sizes 10 to 30)" in balance_note(torch.tensor([0] * 30 + [1] * 10), 2, "accuracy")
-    assert "ranked by balanced_accuracy, which weighs every class alike" in balance_note(
-        torch.tensor([0] * 30 + [1] * 10), 2, "balanced_accuracy")
-    assert balance_note(torch.tensor([0] * 12 + [1] * 10), 2, "accuracy") is None
-
-
-# --- resume: what it compares, and that it repeats the run exactly ---------------------------------
-
-def test_resume_compares_every_flag_that_shapes_training():
-    """Every flag of train.py, transfer.py and crossval.py is compared on --resume unless it is
-    one of the few named free; so a flag added later is compared without being listed."""
-    import crossval
-    import train
-    import transfer
-    from lib.checkpoint import FREE_ON_RESUME
-    for script in (train, transfer, crossval):
-        parser = script.get_args_parser()
-        args = {action.dest: action.default for action in parser._actions if action.dest != "help"}
-        run = {"model": "cnn3", "classes": ["a", "b"], "args": args}
-        for key in args:
-            if key in FREE_ON_RESUME or key in ("data", "source", "freeze", "weights", "model", "stem",
-                                                "image_size", "resize", "task"):  # compared as resolved
-                continue
-            changed = {**run, "args": {**args, key: "another value"}}
-            assert resume_mismatches(run, changed) == ["--" + key.replace("_", "-")], (script.__name__, key)
-    # The free ones really are few, and none of them says what the network learns from.
-    assert {"mean", "std", "max_image_pixels", "skip_bad_images", "lr", "epochs", "folds"}.isdisjoint(FREE_ON_RESUME)
-
-
-@pytest.mark.parametrize("changed, had", [
-    (["--mean", "0.5", "0.5", "0.5", "--std", "0.25", "0.25", "0.25"], "no --mean, no --std"),
-    (["--max-image-pixels", "0"], "--max-image-pixels 89478485"),
-    (["--skip-bad-images"], "no --skip-bad-images"),
-])
-def test_resume_refuses_other_normalisation_or_image_set(demo_data, tmp_path, changed, had):
-    # One epoch of a 2-epoch run is enough; --epochs differs too, so the line names both.
-    out = tmp_path / "run"
-    common = ["--data", demo_data, "--task", "target", "--model", "cnn3", "--out", out]
-    run_main("train.py", *common, "--epochs", "1")
-    before = (out / "last.pt").read_bytes()
-    result = run_main("train.py", *common, "--epochs", "2", "--resume", *changed, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
-    flags = [word for word in changed if word.startswith("--")]
-    assert f"belongs to a run with different {', '.join(flags + ['--epochs'])} (it had {had}, --epochs 1)" \
-        in result.stderr, result.stderr
-    assert (out / "last.pt").read_bytes() == before
-
-
-def test_resume_says_when_the_data_changed_under_the_run():
-    # Same flags, same folder, same classes, but the training split's statistics moved: its files changed.
-    run = {"model": "cnn3", "classes": ["a", "b"], "mean": [0.4] * 3, "std": [0.2] * 3, "args": {"data": "demo"}}
-    assert resume_mismatches(run, {**run, "mean": [0.41] * 3}) == ["--data"]
-    assert resume_mismatches(run, dict(run)) == []
+# --- resume repeats the run exactly (what it compares: test_checkpoint.py) ----------------------------
 
 
 def _split_of(n, size, seed):
@@ -402,17 +266,3 @@ def test_a_channel_constant_over_the_training_split_trains(tmp_path):
         refused = run_main("train.py", "--data", tmp_path / "d", *other, flag, *values, "--out", tmp_path / "o",
                            check=False)
         assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1
-
-
-@pytest.mark.parametrize("script", ["train.py", "transfer.py", "crossval.py"])
-def test_patience_none_turns_early_stopping_off(script):
-    import importlib
-    parser = importlib.import_module(script[:-3]).get_args_parser()
-    required = {"train.py": [], "transfer.py": ["--source", "s.pt"], "crossval.py": ["--source", "s.pt"]}[script]
-    args = parser.parse_args(["--data", "demo", "--out", "o", *required, "--patience", "none"])
-    assert args.patience is None
-    assert config_from_args(args, torch.device("cpu")).patience is None
-    assert parser.parse_args(["--data", "demo", "--out", "o", *required, "--patience", "3"]).patience == 3
-    assert "none: never stop early" in " ".join(parser.format_help().split())
-    refused = run_main(script, "--data", "demo", "--out", "o", *required, "--patience", "0", check=False)
-    assert refused.returncode == 2 and "--patience: must be a positive integer or none, got 0" in refused.stderr
