@@ -17,6 +17,7 @@ from lib.engine import fit, run_report
 from lib.errors import UserError
 from lib.models import DEFAULT_MODEL, MODELS, STEMS, build_model, describe_models, resolve_stem
 from lib.plots import plot_curves
+from lib.preprocessing import DEFAULT_IMAGE_SIZE
 from lib.recipe import TrainConfig, config_from_args
 
 RECIPE = TrainConfig()
@@ -57,7 +58,7 @@ def main(args):
     distributed.setup(device)
     start = weights.open_weights(args.model, args.weights) if args.weights else None
     out = cli.prepare_out_dir(args.out, cli.RUN_OUTPUTS, overwrite=args.overwrite, resume=args.resume)
-    image_size, size_reason = weights.image_size_for(args.image_size, start, cli.DEFAULT_IMAGE_SIZE)
+    image_size, size_reason = weights.image_size_for(args.image_size, start, DEFAULT_IMAGE_SIZE)
     train = load_datasets(args.data, "train", args.task, image_size, resize=args.resize, **cli.load_options(args))
     val = load_datasets(args.data, "val", args.task, image_size, resize=args.resize, **cli.load_options(args))
     mean, std, whose = weights.normalisation(args.mean, args.std, start, train)

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from lib.errors import UserError
 from lib.files import DISK_FULL, failure_reason, remove_stale_temporaries
-from lib.images import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
+from lib.images import DEFAULT_MAX_PIXELS
+from lib.preprocessing import DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, RESIZE_POLICIES
 
 
 class Parser(argparse.ArgumentParser):
@@ -83,9 +84,6 @@ def unit_interval(text):
     return value
 
 
-DEFAULT_IMAGE_SIZE = 64
-
-
 class OneOrMore(argparse.Action):
     """nargs="+" that keeps one value as it is (a str, as every reader of a checkpoint's args expects)
     and several as a list."""
@@ -124,7 +122,7 @@ def add_data_args(parser, image_size=True, data_required=True, size_from_weights
                            help="images of another size are resized to this square size"
                                 + (f" (None: {DEFAULT_IMAGE_SIZE}, or the resolution published --weights "
                                    "were trained at)" if size_from_weights else ""))
-        group.add_argument("--resize", choices=RESIZE_POLICIES, default="squash",
+        group.add_argument("--resize", choices=RESIZE_POLICIES, default=DEFAULT_RESIZE,
                            help="how a photo that is not square becomes one: squash (resize, aspect ignored), "
                                 "crop (centre crop of the short side) or pad (letterbox, black bars); kept in "
                                 "the checkpoint and the ONNX model, so every later step does the same")
