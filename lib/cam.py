@@ -47,12 +47,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lib.augment import normalize
 from lib.checkpoint import build_from_checkpoint
 from lib.data import Split, load_split
-from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.images import DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from lib.inference import predict_probs, to_input
 from lib.ensemble import describe
 from lib.models import Ensemble, cam_reshape, default_cam_layer
 from lib.pixel_cache import DEFAULT
@@ -134,7 +133,7 @@ def compute_heatmaps(model, images, mean, std, device, method, layer_names, targ
     maps = []
     try:
         for start in range(0, len(images), batch_size):
-            x = normalize(images[start:start + batch_size].to(device).float().div_(255), mean, std)
+            x = to_input(images[start:start + batch_size].to(device), mean, std)
             chosen = [ClassLogOdds(int(t)) for t in targets[start:start + batch_size]]
             # ScoreCAM draws a progress bar per image; one line per image drowns the summary.
             with contextlib.redirect_stderr(io.StringIO()) if method == "scorecam" else contextlib.nullcontext():
@@ -239,7 +238,7 @@ def explain_checkpoint(label, source, checkpoint, model, images, device, method,
     return Explanation(label, source, checkpoint, list(layer_names), heatmaps, probs, targets, per_image, summary, sanity)
 
 
-def load_images(files, data, task, split, num_images, seed, image_size, classes, resize="squash", *,
+def load_images(files, data, task, split, num_images, seed, image_size, classes, resize, *,
                 skip_bad_images=False, max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
     """The images to explain: the given files (unlabelled), or a seeded sample of a split (0 = all).
     resize and the keyword arguments: as lib.data.load_split's."""
