@@ -40,7 +40,7 @@ def main(args):
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
     out = cli.prepare_out_dir(args.out, ("crossval.csv", "crossval.json", "fold-*"),
                               overwrite=args.overwrite or args.resume)
-    facts = read_preprocessing(source)
+    facts = read_preprocessing(source, where=f"--source {args.source}")
     labelled = crossval.pool(*(load_datasets(args.data, split, args.task, facts.image_size, resize=facts.resize,
                                              **cli.load_options(args))
                                for split in ("train", "val")))

@@ -74,7 +74,7 @@ def main(args):
     runs, outputs = _plan(args, freezes, labels)
     out = Path(args.out)
     run_dirs = _run_dirs(out, [folder for _, _, folder in runs], outputs, args.overwrite, args.resume)
-    facts = read_preprocessing(source)
+    facts = read_preprocessing(source, where=f"--source {args.source}")
     train, val = (load_datasets(args.data, split, args.task, facts.image_size, resize=facts.resize,
                                 **cli.load_options(args)) for split in ("train", "val"))
     config = config_from_args(args, device)

@@ -28,7 +28,7 @@ class TorchPredictor:
 
         checkpoint = load_checkpoint(path)
         self.model = build_from_checkpoint(checkpoint, where=f"--checkpoint {path}").to(device)
-        self.preprocessing = read_preprocessing(checkpoint)
+        self.preprocessing = read_preprocessing(checkpoint, where=f"--checkpoint {path}")
         self.task = checkpoint.get("task")
         self.device = device
 
