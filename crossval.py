@@ -12,6 +12,7 @@ OUT/crossval.json (per rule: means and standard deviations over folds). --inner-
 k-fold: train on all of a fold's training images and score the last epoch only.
 """
 from lib import cli, crossval, transfer, unlabelled
+from lib.checkpoint import read_preprocessing
 from lib.data import load_datasets
 from lib.distributed import pick_device
 from lib.files import write_csv, write_json
@@ -39,8 +40,9 @@ def main(args):
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
     out = cli.prepare_out_dir(args.out, ("crossval.csv", "crossval.json", "fold-*"),
                               overwrite=args.overwrite or args.resume)
-    labelled = crossval.pool(*(load_datasets(args.data, split, args.task, source["image_size"],
-                                          resize=source.get("resize", "squash"), **cli.load_options(args))
+    facts = read_preprocessing(source, where=f"--source {args.source}")
+    labelled = crossval.pool(*(load_datasets(args.data, split, args.task, facts.image_size, resize=facts.resize,
+                                             **cli.load_options(args))
                                for split in ("train", "val")))
     recipe = config_from_args(args, device)
     settings = {"folds": args.folds, "fold_seed": args.fold_seed, "inner_val": args.inner_val}
@@ -51,8 +53,8 @@ def main(args):
           f"{'inner val' if nested else 'the held-out fold'}; the held-out fold chooses nothing")
     describe = transfer.target_describe(source, args.task, labelled.classes, cli.plain_args(args),
                                         transfer.lineage(args.source, k, source["model"], args.data))
-    fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, source["image_size"],
-                                source.get("resize", "squash"), recipe, **cli.load_options(args))
+    fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, facts.image_size, facts.resize, recipe,
+                                **cli.load_options(args))
     if fixmatch:
         describe["unlabelled"] = fixmatch.entry
         print(fixmatch.summary())

@@ -41,14 +41,13 @@ def main(args):
         cli.make_folder(args.json.parent, "--json")
     predictor = evaluation.load_predictor(args.checkpoint, device)
     task = args.task or predictor.task
-    split = load_split(args.data, args.split, task, predictor.image_size, resize=predictor.resize,
-                       **cli.load_options(args))
+    facts = predictor.preprocessing
+    split = load_split(args.data, args.split, task, facts.image_size, resize=facts.resize, **cli.load_options(args))
+    classes = list(facts.classes)
     if split.labels is not None or split.classes:
-        split = match_classes(split, predictor.classes, f"--data {args.data} (task {task}) and "
-                                                        f"--checkpoint {args.checkpoint}")
+        split = match_classes(split, classes, f"--data {args.data} (task {task}) and --checkpoint {args.checkpoint}")
     if split.labels is None and args.json:
         raise UserError(f"--json {args.json}: split {args.split!r} has no labels, so there are no metrics")
-    classes = predictor.classes
     probs = predictor.predict(split.images, tta=args.tta)
     labels = None if split.labels is None else split.labels.numpy()
     evaluation.write_predictions(out / "predictions.csv", split.filenames, probs, classes, labels)

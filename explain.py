@@ -9,7 +9,7 @@ An ensemble checkpoint is explained at the layer(s) of every member, for the ens
 from pathlib import Path
 
 from lib import cam, cli, distributed, flags, image_sets, plots
-from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint
+from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint, read_preprocessing
 from lib.data import SPLITS, match_classes
 from lib.ensemble import in_class_order
 from lib.errors import UserError
@@ -57,16 +57,15 @@ def main(args):
     first = checkpoints[0]
     checkpoints[1:] = [in_class_order(checkpoint, first["classes"], f"--compare {path}", (str(paths[0]), str(path)))
                        for path, checkpoint in zip(paths[1:], checkpoints[1:])]
-    for path, checkpoint in zip(paths[1:], checkpoints[1:]):
-        if (checkpoint["image_size"], checkpoint.get("resize", "squash")) != \
-                (first["image_size"], first.get("resize", "squash")):
+    facts = [read_preprocessing(checkpoint, where=f"checkpoint {path}") for path, checkpoint in zip(paths, checkpoints)]
+    for path, other in zip(paths[1:], facts[1:]):
+        if (other.image_size, other.resize) != (facts[0].image_size, facts[0].resize):
             raise UserError(f"--compare {path}: its image size or resize policy differs from {paths[0]}'s, "
                             "so the same images cannot be explained by both")
     device = distributed.pick_device(args.device)
     out = cli.prepare_out_dir(args.out, OUTPUTS, overwrite=args.overwrite)
     split = image_sets.load_images(args.images, args.data, args.task, args.split, args.num_images, args.seed,
-                                   first["image_size"], first["classes"], first.get("resize", "squash"),
-                                   **cli.load_options(args))
+                                   facts[0].image_size, first["classes"], facts[0].resize, **cli.load_options(args))
     split = match_classes(split, first["classes"], f"--data {args.data} and {paths[0]}")
     target = cam.class_index(args.target_class, first["classes"])
 

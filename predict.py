@@ -105,7 +105,7 @@ def main(args):
     paths = image_paths(args.inputs)
     classifier = OnnxClassifier(args.model, args.provider, args.threads)
     classifier.warm_up()
-    top_k = min(args.top_k, len(classifier.classes))
+    top_k = min(args.top_k, len(classifier.preprocessing.classes))
     results, failed = [], 0
     for start in range(0, len(paths), BATCH):
         chunk = paths[start:start + BATCH]
@@ -118,7 +118,7 @@ def main(args):
                 continue
             best = probs[path].argsort()[::-1][:top_k]
             results.append({"file": str(path), "predictions": [
-                {"label": classifier.classes[i], "probability": float(probs[path][i])} for i in best]})
+                {"label": classifier.preprocessing.classes[i], "probability": float(probs[path][i])} for i in best]})
             if not args.json:
                 print("\t".join([str(path)] + [f"{p['label']}\t{p['probability']:.4f}"
                                                for p in results[-1]["predictions"]]), flush=True)

@@ -13,8 +13,10 @@ the others.
 from pathlib import Path
 
 from lib import cli, distributed, ensemble, transfer, unlabelled
+from lib.checkpoint import read_preprocessing
 from lib.data import load_datasets
-from lib.engine import fit, predict_probs, run_report
+from lib.engine import fit, run_report
+from lib.inference import predict_probs
 from lib.metrics import epoch_metrics
 from lib.models import stage_count
 from lib.plots import plot_curves, plot_sweep
@@ -72,11 +74,11 @@ def main(args):
     runs, outputs = _plan(args, freezes, labels)
     out = Path(args.out)
     run_dirs = _run_dirs(out, [folder for _, _, folder in runs], outputs, args.overwrite, args.resume)
-    resize = source.get("resize", "squash")
-    train = load_datasets(args.data, "train", args.task, source["image_size"], resize=resize, **cli.load_options(args))
-    val = load_datasets(args.data, "val", args.task, source["image_size"], resize=resize, **cli.load_options(args))
+    facts = read_preprocessing(source, where=f"--source {args.source}")
+    train, val = (load_datasets(args.data, split, args.task, facts.image_size, resize=facts.resize,
+                                **cli.load_options(args)) for split in ("train", "val"))
     config = config_from_args(args, device)
-    fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, source["image_size"], resize, config,
+    fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, facts.image_size, facts.resize, config,
                                 **cli.load_options(args))
     if distributed.is_main():
         print(f"{model_name} from {args.source} to {cli.data_name(args.data, args.task)}: {len(train)} train / "

@@ -25,10 +25,11 @@ import torch.nn.functional as F  # noqa: E402
 
 from lib import cli, distributed, flags  # noqa: E402
 from lib.benchmark import timed  # noqa: E402
-from lib.augment import PRESETS, augment_batch, normalize  # noqa: E402
+from lib.augment import PRESETS, augment_batch  # noqa: E402
 from lib.files import write_json  # noqa: E402
 from lib.data import load_split  # noqa: E402
-from lib.engine import _epoch_batches, _train_epoch, predict_probs  # noqa: E402
+from lib.engine import _epoch_batches, _train_epoch  # noqa: E402
+from lib.inference import normalize, predict_probs  # noqa: E402
 from lib.recipe import (RECIPES, TrainConfig, amp_helps, autocast, make_ema, make_optimizer, make_scaler,  # noqa: E402
                         make_scheduler)
 from lib.flops import inference_flops, training_flops  # noqa: E402

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lib.inference import scale_pixels
+
 
 @dataclass(frozen=True)
 class Preset:
@@ -48,7 +50,7 @@ def augment_batch(images, preset, generator, size=None):
     size (default: the images' own) lets progressive resizing train early epochs on smaller
     images; the affine resampling does the resize at no extra cost.
     """
-    x = images.float().div_(255)
+    x = scale_pixels(images)
     p = PRESETS[preset] if isinstance(preset, str) else preset
     n = x.shape[0]
     size = size or x.shape[-1]
@@ -119,9 +121,3 @@ def _erase(x, probability, n, generator):
     box = box.unsqueeze(1).to(x.device)
     return torch.where(box, fill.view(n, 3, 1, 1).to(x.device), x)
 
-
-def normalize(x, mean, std):
-    """float images in [0, 1] -> the network's input, with the checkpoint's mean and std."""
-    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - mean) / std

@@ -58,7 +58,8 @@ def benchmark_model(path, provider=CPU, batch_sizes=(1, 64), runs=30, seed=0):
               "quantization": json.loads(classifier.metadata.get("quantization", "null")),
               "session_create_ms": (time.perf_counter() - started) * 1000}
     rng = np.random.default_rng(seed)
-    batches = {b: rng.integers(0, 256, (b, classifier.image_size, classifier.image_size, 3), dtype=np.uint8)
+    size = classifier.preprocessing.image_size
+    batches = {b: rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)
                for b in batch_sizes}
     report["first_run_ms"] = time_runs(lambda: classifier.run(batches[batch_sizes[0]]), 1, warmup=0)[0]
     report["latency"] = []

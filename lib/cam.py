@@ -44,10 +44,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lib.augment import normalize
 from lib.checkpoint import build_from_checkpoint
-from lib.engine import predict_probs
 from lib.errors import UserError
+from lib.inference import predict_probs, to_input
 from lib.ensemble import describe
 from lib.models import Ensemble, cam_reshape, default_cam_layer
 
@@ -127,7 +126,7 @@ def compute_heatmaps(model, images, mean, std, device, method, layer_names, targ
     maps = []
     try:
         for start in range(0, len(images), batch_size):
-            x = normalize(images[start:start + batch_size].to(device).float().div_(255), mean, std)
+            x = to_input(images[start:start + batch_size].to(device), mean, std)
             chosen = [ClassLogOdds(int(t)) for t in targets[start:start + batch_size]]
             # ScoreCAM draws a progress bar per image; one line per image drowns the summary.
             with contextlib.redirect_stderr(io.StringIO()) if method == "scorecam" else contextlib.nullcontext():

@@ -2,8 +2,9 @@
 
 A checkpoint is a plain dict of tensors, numbers, strings, lists and dicts, so it loads with
 torch.load(path, weights_only=True): a file that would run code on load is refused.
-Keys: format, model, stem (older checkpoints lack it: lib.models.resolve_stem), classes,
-image_size, mean, std, args, epoch, metrics, state_dict; lineage: the datasets trained on
+Keys: format, model, stem, classes, image_size, resize, mean, std (read_preprocessing gives them
+as one record, lib.preprocessing.Preprocessing, filling in what older checkpoints lack), args,
+epoch, metrics, state_dict; lineage: the datasets trained on
 (data_lineage), and for transferred models the source (lib.transfer), for those started from a
 weights file the file (lib.weights);
 selection in OUT/model.pt (which rule chose it); ensemble in an ensemble checkpoint (lib.ensemble:
@@ -26,7 +27,8 @@ from lib.demo import demo_root
 from lib.errors import UserError
 from lib.files import atomic_write
 from lib.images import DEFAULT_MAX_PIXELS
-from lib.models import MODELS, Ensemble, build_model, stems_of
+from lib.models import MODELS, Ensemble, build_model, resolve_stem, stems_of
+from lib.preprocessing import DEFAULT_RESIZE, Preprocessing, check_resize
 from lib.recipe import RECIPES
 
 FORMAT = "landmark-classification/2"
@@ -84,11 +86,22 @@ def file_hash(path):
     return digest.hexdigest()
 
 
-def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
-    """The network a checkpoint describes (model, stem, classes, image size) in eval mode, with its
-    weights; load_weights=False gives a fresh initialisation of the same network (Grad-CAM's
-    sanity check). Every rebuild goes through here, so none can forget a part of the description.
-    An ensemble checkpoint (lib.ensemble) gives a lib.models.Ensemble of its members."""
+def read_preprocessing(checkpoint, where="checkpoint"):
+    """The checkpoint's Preprocessing record (lib.preprocessing), the one reading of these entries:
+    what older checkpoints lack is filled in as they were made (before --resize they squashed;
+    before the stem entry, see _network). A model this project does not build, or a stem or
+    resize policy it does not know, is a UserError naming `where`."""
+    name, stem = _network(checkpoint, where)
+    return Preprocessing(image_size=checkpoint["image_size"],
+                         resize=check_resize(checkpoint.get("resize", DEFAULT_RESIZE), where=f"{where}: resize"),
+                         mean=tuple(float(v) for v in checkpoint["mean"]),
+                         std=tuple(float(v) for v in checkpoint["std"]),
+                         classes=tuple(checkpoint["classes"]), model=name, stem=stem)
+
+
+def _network(checkpoint, where):
+    """(model, stem) of a checkpoint, checked; a checkpoint from before the stem entry was built
+    by lib.models.resolve_stem's rule, which gives its stem."""
     name = checkpoint["model"]
     if name not in MODELS:
         raise UserError(f"{where}: model {name!r} is not one this project builds")
@@ -96,6 +109,15 @@ def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
     if stem not in (None, *stems_of(name)):
         raise UserError(f"{where}: weights do not fit model {name!r} (its stem {stem!r} is none "
                         f"of {', '.join(stems_of(name))})")
+    return name, resolve_stem(name, checkpoint["image_size"], stem)
+
+
+def build_from_checkpoint(checkpoint, where="checkpoint", load_weights=True):
+    """The network a checkpoint describes (model, stem, classes, image size) in eval mode, with its
+    weights; load_weights=False gives a fresh initialisation of the same network (Grad-CAM's
+    sanity check). Every rebuild goes through here, so none can forget a part of the description.
+    An ensemble checkpoint (lib.ensemble) gives a lib.models.Ensemble of its members."""
+    name, stem = _network(checkpoint, where)
 
     def network():
         return build_model(name, len(checkpoint["classes"]), checkpoint["image_size"], stem)
@@ -198,12 +220,13 @@ FREE_ON_RESUME = frozenset({"out", "overwrite", "resume", "device", "amp", "chan
                             "patience", "eval_every", "select", "pixel_cache", "no_pixel_cache", "seeds"})
 # Flags compared by what they resolve to, not as typed: the folder, not how its path is written;
 # the file's contents, not its path; the stem `auto` chose; for a transferred run, what its
-# --source checkpoint fixes (model, size, ...) is in its description, not its args.
+# --source checkpoint fixes (model, size, ...) is in its description, not its args. Every run that
+# can resume (format 2) recorded its stem and resize policy, so they are compared as recorded.
 _RESOLVED = {
     "model": lambda run: run.get("model"),
     "stem": lambda run: run.get("stem"),
     "image_size": lambda run: run.get("image_size"),
-    "resize": lambda run: run.get("resize", "squash"),
+    "resize": lambda run: run.get("resize"),
     "task": lambda run: run.get("task"),
     "data": lambda run: data_location((run.get("args") or {}).get("data")),
     "source": lambda run: (run.get("lineage") or {}).get("source_sha256"),

@@ -28,8 +28,9 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from lib import cli, flops, transfer
 from lib.checkpoint import data_location, resume_mismatches, save_checkpoint
 from lib.data import ImageRows, Split, detect_layout, match_classes
-from lib.engine import fit, predict_probs
+from lib.engine import fit
 from lib.errors import UserError
+from lib.inference import predict_probs
 from lib.metrics import epoch_metrics
 from lib.recipe import TrainConfig
 from lib.selection import METRICS, replay

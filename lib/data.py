@@ -28,8 +28,9 @@ import torch
 
 from lib.demo import CSV_COLUMNS, CSV_NAME, ensure_demo
 from lib.errors import UserError
-from lib.images import DEFAULT_MAX_PIXELS, BadImageError, check_resize, is_image_name, median_short_side
+from lib.images import DEFAULT_MAX_PIXELS, BadImageError, is_image_name, median_short_side
 from lib.pixel_cache import DEFAULT, Decoding, load_pixels, pixel_counts, stats_from_counts
+from lib.preprocessing import DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, check_resize
 
 SPLITS = ("train", "val", "test", "challenge")
 TASKS = ("source", "target")
@@ -112,7 +113,7 @@ def detect_layout(root):
     raise UserError(f"--data {root}: neither layout: expected {CSV_NAME} or train/ val/ test/ folders")
 
 
-def load_split(data, split, task=None, image_size=64, skip_bad_images=False, *, resize="squash",
+def load_split(data, split, task=None, image_size=DEFAULT_IMAGE_SIZE, skip_bad_images=False, *, resize=DEFAULT_RESIZE,
                max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
     """One split of the dataset at `data` as a Split of uint8 (N, 3, image_size, image_size) images.
 
@@ -308,7 +309,7 @@ def match_classes(split, classes, where):
     return replace(split, labels=None if split.labels is None else order[split.labels], classes=list(classes))
 
 
-def load_datasets(datasets, split, task=None, image_size=64, skip_bad_images=False, **options):
+def load_datasets(datasets, split, task=None, image_size=DEFAULT_IMAGE_SIZE, skip_bad_images=False, **options):
     """`split` of one dataset (a --data value) or of several (a list of them) as one Split.
 
     Each dataset is loaded by load_split (decoded and cached on its own, at image_size) and the
@@ -376,7 +377,7 @@ def remap_labels(labels, from_classes, to_classes):
     return mapping[labels]
 
 
-def load_photo_folder(folder, image_size=64, skip_bad_images=False, *, resize="squash",
+def load_photo_folder(folder, image_size=DEFAULT_IMAGE_SIZE, skip_bad_images=False, *, resize=DEFAULT_RESIZE,
                       max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
     """Every image in `folder` and its subfolders (sorted; hidden files and folders left out), as an
     unlabelled Split of uint8 (N, 3, image_size, image_size) images; decoded and cached as load_split

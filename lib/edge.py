@@ -10,7 +10,6 @@ Class names, image size, the opset, the oldest onnxruntime that runs the model
 (min_onnxruntime) and the rest of the facts are the model's metadata_props.
 """
 import io
-import json
 import os
 import re
 from pathlib import Path
@@ -19,7 +18,8 @@ import numpy as np
 import onnxruntime as ort
 
 from lib.errors import UserError
-from lib.images import DEFAULT_MAX_PIXELS, check_resize, decode_image
+from lib.images import DEFAULT_MAX_PIXELS, decode_image
+from lib.preprocessing import Preprocessing
 
 # Written by lib.onnx_export; bump both together if the meaning of the metadata changes.
 METADATA_FORMAT = "landmark-classification-onnx/1"
@@ -132,7 +132,8 @@ def make_session(path, provider=CPU, threads=0, config=None):
 
 
 class OnnxClassifier:
-    """An exported classifier: .classes, .image_size, .predict_proba(uint8 (N, H, W, 3))."""
+    """An exported classifier: .preprocessing (lib.preprocessing's record, from the metadata: classes,
+    image size, resize policy, ...), .predict_proba(uint8 (N, H, W, 3))."""
 
     def __init__(self, path, provider=CPU, threads=0, config=None):
         path = Path(path)
@@ -149,14 +150,13 @@ class OnnxClassifier:
         if metadata["input"] != INPUT_LAYOUT:
             raise UserError(f"{path}: input {metadata['input']!r} is not {INPUT_LAYOUT!r}")
         self.metadata = metadata
-        self.classes = list(json.loads(metadata["classes"]))
-        self.image_size = int(metadata["image_size"])
-        self.resize = check_resize(metadata.get("resize", "squash"), where=f"{path}: metadata resize")
+        self.preprocessing = Preprocessing.from_onnx_metadata(metadata, where=path)
         self.returns_logits = metadata["output"] == "logits"
         self.input_name = self.session.get_inputs()[0].name
 
     def blank_batch(self, batch_size=1):
-        return np.zeros((batch_size, self.image_size, self.image_size, 3), np.uint8)
+        size = self.preprocessing.image_size
+        return np.zeros((batch_size, size, size, 3), np.uint8)
 
     def run(self, pixels):
         """The graph's raw output for one batch of uint8 pixels (no checks)."""
@@ -169,18 +169,18 @@ class OnnxClassifier:
     def predict_proba(self, images, batch_size=64):
         """Probabilities (N, C) float32 for uint8 images (N, image_size, image_size, 3), RGB."""
         images = np.asarray(images)
-        expected = (self.image_size, self.image_size, 3)
+        expected = (self.preprocessing.image_size, self.preprocessing.image_size, 3)
         if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
             raise UserError(f"{self.path}: expects uint8 images of shape (N, {', '.join(map(str, expected))}), "
                             f"got {images.dtype} {images.shape}")
         outputs = [self.run(np.ascontiguousarray(images[i:i + batch_size]))
                    for i in range(0, len(images), batch_size)]
         if not outputs:
-            return np.empty((0, len(self.classes)), dtype=np.float32)
+            return np.empty((0, len(self.preprocessing.classes)), dtype=np.float32)
         scores = np.concatenate(outputs).astype(np.float32)
         return softmax(scores) if self.returns_logits else scores
 
     def decode(self, path, max_pixels=DEFAULT_MAX_PIXELS):
         """One image file as (H, W, 3) uint8, decoded and made square as training did
         (lib.images.decode_image; BadImageError for a file it cannot read)."""
-        return decode_image(path, self.image_size, self.resize, max_pixels)
+        return decode_image(path, self.preprocessing.image_size, self.preprocessing.resize, max_pixels)

@@ -1,10 +1,11 @@
-"""The one training loop (train.py, transfer.py and crossval.py) and batched prediction.
+"""The one training loop (train.py, transfer.py and crossval.py).
 
 Splits live in memory as uint8 tensors; each step indexes a batch, augments it as a whole and
-normalises it with the checkpoint's mean/std. Every epoch writes OUT/last.pt (everything needed
-to resume exactly: lib.checkpoint.training_state) and OUT/best.pt when the validation score
-improves; the end of training writes OUT/model.pt, the checkpoint the run recommends. Which
-epoch is best, which one model.pt holds and when to stop early is lib.selection's policy.
+normalises it with the checkpoint's mean/std; validation predicts with lib.inference. Every epoch
+writes OUT/last.pt (everything needed to resume exactly: lib.checkpoint.training_state) and
+OUT/best.pt when the validation score improves; the end of training writes OUT/model.pt, the
+checkpoint the run recommends. Which epoch is best, which one model.pt holds and when to stop
+early is lib.selection's policy.
 Validation always runs in float32 (mixed precision is for training only), so evaluate.py
 reproduces the numbers best.pt was chosen on. The recipe (config, schedules, weight average,
 precision) is lib.recipe.
@@ -23,36 +24,17 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm import tqdm
 
 from lib import balance, distributed, flops, mixing, selection
-from lib.augment import augment_batch, normalize
+from lib.augment import augment_batch
 from lib.checkpoint import (FORMAT, check_resume, load_checkpoint, restore_training_state, save_checkpoint,
                             training_state, without_training_state)
 from lib.errors import UserError
 from lib.files import write_csv
+from lib.inference import normalize, predict_probs, to_input
 from lib.loss import cross_entropy
 from lib.metrics import epoch_metrics, per_class_recall
 from lib.models import fixed_input_size
 from lib.recipe import (autocast, make_ema, make_optimizer, make_scaler, make_scheduler, passes_per_epoch,
                         reestimate_batchnorm, train_size)
-
-
-@torch.no_grad()
-def predict_probs(model, images, mean, std, device, batch_size=256, tta=False):
-    """Class probabilities (float32, CPU) for uint8 images, in eval mode; tta adds the mirror.
-
-    Always float32: validation, evaluate.py, explain.py and the export check all see the
-    same numbers for the same weights.
-    """
-    model.eval()
-    out = None  # allocated once the first batch gives the class count (see _train_epoch on why)
-    for start in range(0, len(images), batch_size):
-        x = normalize(images[start:start + batch_size].to(device).float().div_(255), mean, std)
-        probs = F.softmax(model(x).float(), dim=1)
-        if tta:
-            probs = (probs + F.softmax(model(x.flip(3)).float(), dim=1)) / 2
-        if out is None:
-            out = torch.empty(len(images), probs.shape[1])
-        out[start:start + len(probs)] = probs.cpu()
-    return out if out is not None else torch.empty(0)
 
 
 def check_splits(train, val):
@@ -169,7 +151,7 @@ def batchnorm_batches(split, seed, epoch, count, batch_size, mean, std, device):
     generator = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**63)
     index = torch.randperm(len(split), generator=generator)[:count]
     for part in torch.tensor_split(index, math.ceil(len(index) / batch_size)):
-        yield normalize(split.images[part].to(device).float().div_(255), mean, std)
+        yield to_input(split.images[part].to(device), mean, std)
 
 
 def modules_in(copy_of_model, model, modules):

@@ -22,23 +22,25 @@ from pathlib import Path
 
 import torch
 
-from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
+from lib.checkpoint import (FORMAT, build_from_checkpoint, file_hash, load_checkpoint, read_preprocessing,
+                            save_checkpoint)
 from lib.data import class_order
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.models import head_name, resolve_stem
+from lib.models import head_name
 
 COMBINE = "mean of the members' probabilities"
-# What every member must share, (name, value): each fixes what an image means to the network or
-# which network reads it; one pixel recipe and one network rebuild every member.
+# What every member must share, (name, value of its lib.preprocessing record): each fixes what an
+# image means to the network or which network reads it; one pixel recipe and one network rebuild
+# every member.
 MUST_MATCH = (
-    ("model", lambda c: c["model"]),
-    ("stem", lambda c: resolve_stem(c["model"], c["image_size"], c.get("stem"))),
-    ("classes", lambda c: list(c["classes"])),
-    ("image size", lambda c: c["image_size"]),
-    ("resize", lambda c: c.get("resize", "squash")),
-    ("mean", lambda c: [float(v) for v in c["mean"]]),
-    ("std", lambda c: [float(v) for v in c["std"]]),
+    ("model", lambda p: p.model),
+    ("stem", lambda p: p.stem),
+    ("classes", lambda p: list(p.classes)),
+    ("image size", lambda p: p.image_size),
+    ("resize", lambda p: p.resize),
+    ("mean", lambda p: list(p.mean)),
+    ("std", lambda p: list(p.std)),
 )
 
 
@@ -101,11 +103,13 @@ def check_distinct(paths, members):
 
 def check_compatible(paths, members):
     """Refuse, in one line naming the member and the fact, members that differ from the first."""
+    first = read_preprocessing(members[0], f"member {paths[0]}")
     for path, member in zip(paths[1:], members[1:]):
+        facts = read_preprocessing(member, f"member {path}")
         for name, value in MUST_MATCH:
-            if value(member) != value(members[0]):
-                raise UserError(f"member {path}: its {name} is {value(member)}, {paths[0]}'s is "
-                                f"{value(members[0])}; an ensemble's members must share "
+            if value(facts) != value(first):
+                raise UserError(f"member {path}: its {name} is {value(facts)}, {paths[0]}'s is "
+                                f"{value(first)}; an ensemble's members must share "
                                 f"{', '.join(n for n, _ in MUST_MATCH)}")
 
 
@@ -132,8 +136,9 @@ def ensemble_checkpoint(paths, members):
     check_compatible(paths, members)
     check_distinct(paths, members)
     first = members[0]
+    facts = read_preprocessing(first)
     checkpoint = {"format": FORMAT, **{k: first[k] for k in ("model", "classes", "image_size", "mean", "std")},
-                  "stem": resolve_stem(first["model"], first["image_size"], first.get("stem")), "resize": first.get("resize", "squash")}
+                  "stem": facts.stem, "resize": facts.resize}
     task, lineage = _shared([m.get("task") for m in members]), _shared([m.get("lineage") for m in members])
     if task is not None:
         checkpoint["task"] = task

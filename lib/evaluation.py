@@ -1,13 +1,15 @@
 """Evaluation: probabilities from a model file, then a report that does not care where they came from.
 
 load_predictor gives one interface over a PyTorch checkpoint and an exported .onnx model:
-.classes, .image_size, .resize, .task (None when the file does not say) and .predict(images, tta) ->
-numpy (N, C) probabilities for uint8 (N, 3, H, W) images. Test-time augmentation (tta)
-averages the image and its horizontal mirror. Everything after that is numpy arithmetic on
-labels and probabilities (lib.metrics), identical for both kinds of model.
+.preprocessing (the model's lib.preprocessing record: classes, image size, resize policy, ...),
+.task (None when the file does not say) and .predict(images, tta) -> numpy (N, C) probabilities
+for uint8 (N, 3, H, W) images. Test-time augmentation (tta) averages the image and its
+horizontal mirror. Everything after that is numpy arithmetic on labels and probabilities
+(lib.metrics), identical for both kinds of model.
 
 Each predictor imports what only it needs when it is made: an .onnx model needs neither
-torchvision (whose import pulls in torch._dynamo, seconds) nor the training loop.
+torchvision (whose import pulls in torch._dynamo, seconds) nor lib.inference; neither needs the
+training loop.
 """
 from pathlib import Path
 
@@ -22,20 +24,19 @@ N_RESAMPLES = 1000
 
 class TorchPredictor:
     def __init__(self, path, device):
-        from lib.checkpoint import build_from_checkpoint, load_checkpoint
+        from lib.checkpoint import build_from_checkpoint, load_checkpoint, read_preprocessing
 
         checkpoint = load_checkpoint(path)
         self.model = build_from_checkpoint(checkpoint, where=f"--checkpoint {path}").to(device)
-        self.classes = list(checkpoint["classes"])
-        self.image_size = checkpoint["image_size"]
-        self.resize = checkpoint.get("resize", "squash")
+        self.preprocessing = read_preprocessing(checkpoint, where=f"--checkpoint {path}")
         self.task = checkpoint.get("task")
-        self.mean, self.std, self.device = checkpoint["mean"], checkpoint["std"], device
+        self.device = device
 
     def predict(self, images, tta=False):
-        from lib.engine import predict_probs
+        from lib.inference import predict_probs
 
-        return predict_probs(self.model, images, self.mean, self.std, self.device, tta=tta).numpy()
+        return predict_probs(self.model, images, self.preprocessing.mean, self.preprocessing.std, self.device,
+                             tta=tta).numpy()
 
 
 class OnnxPredictor:
@@ -45,14 +46,12 @@ class OnnxPredictor:
         except ModuleNotFoundError as error:
             raise UserError(f"--checkpoint {path}: cannot read .onnx models here ({error})") from None
         self.session = OnnxClassifier(path)
-        self.classes = list(self.session.classes)
-        self.image_size = self.session.image_size
-        self.resize = self.session.resize
+        self.preprocessing = self.session.preprocessing
         self.task = None
 
     def predict(self, images, tta=False, batch_size=256):
         """In batches, so that only a batch of the split is ever copied to the model's NHWC layout."""
-        out = [np.empty((0, len(self.classes)))]
+        out = [np.empty((0, len(self.preprocessing.classes)))]
         for start in range(0, len(images), batch_size):
             pixels = images[start:start + batch_size].permute(0, 2, 3, 1).contiguous().numpy()
             probs = self.session.predict_proba(pixels)

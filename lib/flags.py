@@ -4,9 +4,8 @@ the training flags' choices come from modules that do (augmentation presets, sam
 """
 from lib.cli import (OneOrMore, add_max_pixels_arg, non_negative_float, non_negative_int, positive_float,
                      positive_int, positive_int_or_none, probability, unit_interval)
-from lib.images import DEFAULT_MAX_PIXELS, RESIZE_POLICIES
-
-DEFAULT_IMAGE_SIZE = 64
+from lib.images import DEFAULT_MAX_PIXELS
+from lib.preprocessing import DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, RESIZE_POLICIES
 
 
 def add_data_args(parser, image_size=True, data_required=True, size_from_weights=False, several=False):
@@ -33,7 +32,7 @@ def add_data_args(parser, image_size=True, data_required=True, size_from_weights
                                 + (" (None: the resolution published --weights were trained at, else 128 "
                                    "for photos whose median short side is at least 128 px, else 64)"
                                    if size_from_weights else ""))
-        group.add_argument("--resize", choices=RESIZE_POLICIES, default="squash",
+        group.add_argument("--resize", choices=RESIZE_POLICIES, default=DEFAULT_RESIZE,
                            help="how a photo that is not square becomes one: squash (resize, aspect ignored), "
                                 "crop (centre crop of the short side) or pad (letterbox, black bars); kept in "
                                 "the checkpoint and the ONNX model, so every later step does the same")

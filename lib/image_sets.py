@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lib.checkpoint import read_preprocessing
 from lib.data import Split, load_split, match_classes
 from lib.demo import SOURCE_CLASSES, TARGET_CLASSES, render_image
 from lib.errors import UserError
@@ -53,9 +54,9 @@ def reference_images(checkpoint, data, split, synthetic=False, count=64, seed=0,
             where = f"its data folder {data} is not here" if data else "it names no data folder"
             raise UserError(f"nothing to verify the export on: {where}; give --verify-data DIR, "
                             f"or --synthetic-verify for generated images")
+    facts = read_preprocessing(checkpoint)
     try:
-        part = load_split(data, split, task, checkpoint["image_size"], resize=checkpoint.get("resize", "squash"),
-                          **(loading or {}))
+        part = load_split(data, split, task, facts.image_size, resize=facts.resize, **(loading or {}))
     except UserError as error:  # load_split names the --data of the scripts that train
         if not str(error).startswith("--data "):
             raise
@@ -101,7 +102,7 @@ def class_counts(labels, classes):
     return {name: int(count) for name, count in zip(classes, counts)}
 
 
-def load_images(files, data, task, split, num_images, seed, image_size, classes, resize="squash", *,
+def load_images(files, data, task, split, num_images, seed, image_size, classes, resize, *,
                 skip_bad_images=False, max_pixels=DEFAULT_MAX_PIXELS, cache_dir=DEFAULT):
     """The images to explain: the given files (unlabelled), or a seeded sample of a split (0 = all).
     resize and the keyword arguments: as lib.data.load_split's."""

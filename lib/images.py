@@ -21,12 +21,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from lib.errors import UserError
+from lib.preprocessing import DEFAULT_RESIZE, check_resize
 
 # Pillow's default MAX_IMAGE_PIXELS (about 0.25 GiB of 24-bit pixels): the default limit here too.
 DEFAULT_MAX_PIXELS = 89_478_485
 Image.MAX_IMAGE_PIXELS = None  # decode_image checks the limit itself (see the module docstring)
 
-RESIZE_POLICIES = ("squash", "crop", "pad")
 PAD_FILL = (0, 0, 0)  # black, as torchvision's Pad and Pillow's ImageOps.pad fill by default
 RESAMPLE = Image.Resampling.BILINEAR
 # Bump when decode_image gives other pixels for the same file and settings: decoded pixels
@@ -46,12 +46,6 @@ def is_image_name(path):
     return os.path.splitext(str(path))[1].lower() in IMAGE_SUFFIXES
 
 
-def check_resize(resize, where="--resize"):
-    if resize not in RESIZE_POLICIES:
-        raise UserError(f"{where} {resize!r}: must be one of {', '.join(RESIZE_POLICIES)}")
-    return resize
-
-
 def median_short_side(paths):
     """The median of min(width, height) in px over the files in `paths`, read from their headers
     (Pillow opens lazily: nothing is decoded); files that cannot be opened are left out; None when
@@ -66,7 +60,7 @@ def median_short_side(paths):
     return int(np.median(sides)) if sides else None
 
 
-def decode_image(path, size, resize="squash", max_pixels=DEFAULT_MAX_PIXELS):
+def decode_image(path, size, resize=DEFAULT_RESIZE, max_pixels=DEFAULT_MAX_PIXELS):
     """Read `path` as a (size, size, 3) uint8 RGB array (see the module docstring for the steps).
 
     max_pixels: the largest width x height accepted; 0 or None accepts any size.

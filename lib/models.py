@@ -34,6 +34,7 @@ import torch.nn as nn
 import torchvision
 
 from lib.errors import UserError
+from lib.preprocessing import DEFAULT_IMAGE_SIZE
 
 SMALL_INPUT = 128
 CNN3_MIN_SIZE = 11  # the smallest input whose feature map after conv3 is not empty
@@ -47,7 +48,7 @@ class CNN3(nn.Module):
     """The reference work's small CNN: three 5x5 stride-2 convolutions (3->16->64->8), ReLU,
     2x2 max-pooling after the first two, and one linear layer."""
 
-    def __init__(self, num_classes, image_size=64):
+    def __init__(self, num_classes, image_size=DEFAULT_IMAGE_SIZE):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 16, 5, stride=2, padding=2)
         self.conv2 = nn.Conv2d(16, 64, 5, stride=2, padding=2)
@@ -281,7 +282,7 @@ def resolve_stem(name, image_size, stem=None):
     return stem
 
 
-def build_model(name, num_classes, image_size=64, stem=None):
+def build_model(name, num_classes, image_size=DEFAULT_IMAGE_SIZE, stem=None):
     """An untrained `name` for `num_classes` classes and `image_size` px inputs; UserError for an
     unknown name, stem, or an image size the architecture cannot be built for.
 

@@ -26,12 +26,11 @@ import torch
 import torch.nn as nn
 
 from lib import ensemble, weights
-from lib.checkpoint import FORMAT
+from lib.checkpoint import FORMAT, read_preprocessing
 from lib.files import atomic_write
 from lib.edge import INPUT_LAYOUT, METADATA_FORMAT
-from lib.engine import predict_probs
-from lib.models import resolve_stem
 from lib.errors import UserError
+from lib.inference import predict_probs, to_input
 from lib.metrics import auroc
 
 # The oldest onnxruntime that runs a model of each opset: onnxruntime's compatibility table
@@ -47,7 +46,7 @@ EXPORTER_OPSET = 18  # the oldest opset torch's dynamo exporter writes without c
 class PixelClassifier(nn.Module):
     """uint8 (N, H, W, 3) RGB pixels -> probabilities (or logits), preprocessing included.
 
-    The arithmetic is lib.engine.predict_probs's: float, /255, (x - mean) / std.
+    The input step is lib.inference.to_input, the one every PyTorch prediction takes.
     """
 
     def __init__(self, network, mean, std, raw_logits=False):
@@ -59,8 +58,7 @@ class PixelClassifier(nn.Module):
 
     def forward(self, pixels):
         # Transpose while still uint8: 4x less memory to move, and nothing for the quantizer to touch.
-        x = pixels.permute(0, 3, 1, 2).float().div(255)
-        logits = self.network((x - self.mean) / self.std)
+        logits = self.network(to_input(pixels.permute(0, 3, 1, 2), self.mean, self.std))
         return logits if self.raw_logits else torch.softmax(logits, dim=1)
 
 
@@ -68,7 +66,9 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verificatio
     """The model's metadata_props: strings, JSON where a value is not one.
 
     verification_images: where the images the export is verified on come from (data, split, count).
-    The stem names the exact network (lib.models.resolve_stem; a max-pool has no weights);
+    classes, image_size, resize, mean, std, architecture and stem are the checkpoint's
+    lib.preprocessing record, as lib.edge reads it back; the stem names the exact network (a
+    max-pool has no weights);
     weights names the weights training started from (lib.weights.metadata: a file's path, or published
     weights' name and URL, with the sha256), null for random weights;
     ensemble: members, their seeds and how they are combined (lib.ensemble), null for one model;
@@ -77,15 +77,9 @@ def model_metadata(checkpoint, checkpoint_sha256, raw_logits, opset, verificatio
     lineage = checkpoint.get("lineage") or {}
     return {
         "format": METADATA_FORMAT,
-        "classes": json.dumps(list(checkpoint["classes"])),
-        "image_size": str(checkpoint["image_size"]),
-        "resize": checkpoint.get("resize", "squash"),
-        "mean": json.dumps([float(v) for v in checkpoint["mean"]]),
-        "std": json.dumps([float(v) for v in checkpoint["std"]]),
+        **read_preprocessing(checkpoint).onnx_metadata(),
         "input": INPUT_LAYOUT,
         "output": "logits" if raw_logits else "probabilities",
-        "architecture": checkpoint["model"],
-        "stem": resolve_stem(checkpoint["model"], checkpoint["image_size"], checkpoint.get("stem")),
         "gflop_per_image": f"{gflop_per_image:.4f}",
         "ensemble": json.dumps(ensemble.metadata(checkpoint)),
         "source_checkpoint_sha256": checkpoint_sha256,

@@ -49,6 +49,7 @@ from tqdm import tqdm
 from lib.errors import UserError
 from lib.files import cache_folder, write_json
 from lib.images import DECODER_VERSION, DEFAULT_MAX_PIXELS, BadImageError, decode_image
+from lib.preprocessing import DEFAULT_RESIZE
 
 FORMAT = "landmark-classification-pixels/1"
 DEFAULT = "default"     # load_pixels(cache_dir=DEFAULT): the default folder, default_folder()
@@ -60,7 +61,7 @@ MIN_PER_WORKER = 512    # fewer images than this per extra process decode faster
 class Decoding:
     """Everything besides the files that decoded pixels depend on (lib.images.decode_image's arguments)."""
     image_size: int
-    resize: str = "squash"
+    resize: str = DEFAULT_RESIZE
     max_pixels: int | None = DEFAULT_MAX_PIXELS
 
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from lib import cli, flags
-from lib.checkpoint import build_from_checkpoint, data_lineage, file_hash, load_checkpoint
+from lib.checkpoint import build_from_checkpoint, data_lineage, file_hash, load_checkpoint, read_preprocessing
 from lib.recipe import RECIPES
 from lib.errors import UserError
 from lib.files import write_csv
-from lib.models import head_name, replace_head, resolve_stem, stage_count, stages
+from lib.models import head_name, replace_head, stage_count, stages
 from lib.weights import WEIGHTS_LINEAGE
 
 # The stem only (docs/recipes.md, "Target task"): freezing more stages did worse on the landmarks.
@@ -136,9 +136,9 @@ def target_describe(source, task, classes, args, lineage_entry):
     the weights file the source started from (lib.weights) if it did."""
     started_from = {k: v for k, v in (source.get("lineage") or {}).items() if k in WEIGHTS_LINEAGE}
     lineage_entry = {**started_from, **lineage_entry}
-    return {"model": source["model"], "stem": resolve_stem(source["model"], source["image_size"], source.get("stem")),
-            "task": task, "classes": list(classes),
-            "image_size": source["image_size"], "resize": source.get("resize", "squash"),
+    facts = read_preprocessing(source)
+    return {"model": facts.model, "stem": facts.stem, "task": task, "classes": list(classes),
+            "image_size": facts.image_size, "resize": facts.resize,
             "mean": source["mean"], "std": source["std"], "args": args, "lineage": lineage_entry}
 
 

@@ -31,6 +31,7 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from lib.checkpoint import file_hash
 from lib.errors import UserError
 from lib.models import architecture, head_name
+from lib.preprocessing import DEFAULT_IMAGE_SIZE
 
 # The keys weights add to a checkpoint's lineage (and a transferred model inherits): weights is
 # the file's resolved path or the published weights' full name; weights_url only for the latter.
@@ -200,7 +201,7 @@ def metadata(lineage):
 # The sizes photos are trained at by default: the largest at or below the photos' short side.
 # 64 px: the landmark recipe's; 128 px: measured better on larger photos (docs/recipes.md, "Image
 # size for photos"), at 4x the FLOPs.
-PHOTO_SIZES = (64, 128)
+PHOTO_SIZES = (DEFAULT_IMAGE_SIZE, 128)
 
 
 def image_size_for(given, weights, photo_side):

@@ -28,6 +28,7 @@ a file of its name is named on the line of the file that tests it; test_docs.py 
   test_flops.py             lib/flops.py: FLOPs per image and per training step, metrics.csv's compute
   test_image_size.py        the default --image-size from the training photos (lib/data.py photo_side)
   test_images.py            lib/images.py: damaged files of every format, extreme shapes
+  test_inference.py         lib/inference.py: the uint8 -> input step, predict_probs; who imports the training loop
   test_int8.py              lib/quantize.py, lib/int8_gate.py: int8 per target CPU, the gate, the fallback order
   test_metrics.py           lib/metrics.py: metrics and bootstrap intervals as scikit-learn computes them
   test_mixing.py            lib/mixing.py, lib/loss.py: MixUp and CutMix seeded per step, one loss scale
@@ -36,6 +37,7 @@ a file of its name is named on the line of the file that tests it; test_docs.py 
   test_outputs.py           lib/cli.py's output rule, lib/files.py's atomic writes: --overwrite, full disks
   test_pipeline.py          pipeline.sh's logic: which scripts it runs with which flags, its exit codes
   test_pixel_cache.py       lib/pixel_cache.py: read back, invalidated, killed writers, workers, stale files
+  test_preprocessing.py     lib/preprocessing.py: the record from checkpoints and ONNX metadata, the defaults in one place
   test_recipe.py            lib/recipe.py's named recipes (RECIPES): each script's defaults
   test_reliability.py       lib/errors.py, lib/cli.py and lib/flags.py: every bad input is one line, resume
   test_schedules.py         lib/recipe.py's schedules: learning rate, progressive resizing

@@ -304,7 +304,8 @@ def test_resume_refuses_another_resize_policy(target_run, demo_data):
 
 def test_transfer_keeps_the_sources_policy():
     from lib.transfer import target_describe
-    source = {"model": "cnn3", "image_size": 64, "resize": "pad", "mean": [0.5] * 3, "std": [0.2] * 3}
+    source = {"model": "cnn3", "classes": ["x", "y"], "image_size": 64, "resize": "pad", "mean": [0.5] * 3,
+              "std": [0.2] * 3}
     assert target_describe(source, "target", ["a", "b"], {}, {})["resize"] == "pad"
     del source["resize"]
     assert target_describe(source, "target", ["a", "b"], {}, {})["resize"] == "squash", "older checkpoints squash"

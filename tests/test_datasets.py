@@ -59,7 +59,8 @@ def test_train_on_two_datasets_records_both_and_export_reads_the_first(demo_data
     images, labels, where = reference_images(checkpoint, None, "val")
     assert where["data"] == str(demo_data.resolve()) and len(labels) == 60
     from lib.evaluation import load_predictor
-    assert load_predictor(tmp_path / "run" / "model.pt", torch.device("cpu")).classes == TARGET_CLASSES
+    predictor = load_predictor(tmp_path / "run" / "model.pt", torch.device("cpu"))
+    assert list(predictor.preprocessing.classes) == TARGET_CLASSES
 
 
 def test_one_dataset_is_stored_as_before(demo_data, target_run):

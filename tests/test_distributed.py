@@ -22,8 +22,9 @@ from lib import distributed
 from lib.checkpoint import build_from_checkpoint, load_checkpoint
 from lib.data import Split, load_split
 from lib.demo import CSV_COLUMNS, CSV_NAME
-from lib.engine import ComputeCounter, convert_sync_bn, fit, predict_probs, set_train_mode
+from lib.engine import ComputeCounter, convert_sync_bn, fit, set_train_mode
 from lib.errors import UserError
+from lib.inference import predict_probs
 from lib.metrics import epoch_metrics
 from lib.models import build_model
 from lib.recipe import TrainConfig

@@ -63,7 +63,7 @@ def test_class_mismatch_is_a_one_line_error(demo_data, source_run, tmp_path):
 
 def test_tta_averages_the_image_and_its_mirror(demo_data, target_run):
     predictor = load_predictor(target_run / "best.pt", torch.device("cpu"))
-    assert predictor.classes == TARGET_CLASSES and predictor.image_size == 64
+    assert list(predictor.preprocessing.classes) == TARGET_CLASSES and predictor.preprocessing.image_size == 64
     images = load_split(demo_data, "val", "target").images[:8]
     plain, mirrored = predictor.predict(images), predictor.predict(images.flip(3))
     assert isinstance(plain, np.ndarray) and plain.shape == (8, 2)
@@ -77,8 +77,7 @@ def test_onnx_branch_feeds_channels_last_pixels_and_mirrors_them(demo_data, targ
 
     class FakeOnnxClassifier:
         def __init__(self, path):
-            self.classes, self.image_size = torch_predictor.classes, torch_predictor.image_size
-            self.resize = torch_predictor.resize
+            self.preprocessing = torch_predictor.preprocessing
 
         def predict_proba(self, pixels):
             assert pixels.dtype == np.uint8 and pixels.shape[-1] == 3
@@ -89,7 +88,7 @@ def test_onnx_branch_feeds_channels_last_pixels_and_mirrors_them(demo_data, targ
     onnx_file.touch()
     predictor = load_predictor(onnx_file, torch.device("cpu"))
     images = load_split(demo_data, "val", "target").images[:8]
-    assert predictor.classes == TARGET_CLASSES and predictor.image_size == 64
+    assert predictor.preprocessing == torch_predictor.preprocessing
     for tta in (False, True):
         np.testing.assert_allclose(predictor.predict(images, tta=tta), torch_predictor.predict(images, tta=tta),
                                    atol=1e-6)

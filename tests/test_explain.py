@@ -10,11 +10,10 @@ from PIL import Image
 
 from conftest import run_main, run_script
 from lib import cam, plots
-from lib.augment import normalize
 from lib.checkpoint import FORMAT, build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
 from lib.data import load_split
-from lib.engine import predict_probs
 from lib.errors import UserError
+from lib.inference import normalize, predict_probs
 from lib.models import build_model
 
 CPU = torch.device("cpu")

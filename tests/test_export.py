@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from conftest import run_main, run_script
-from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint, save_checkpoint
+from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint, read_preprocessing, save_checkpoint
 from lib.data import load_split
 from lib.edge import OnnxClassifier, read_metadata
-from lib.engine import predict_probs
 from lib.errors import UserError
 from lib.flops import inference_flops
+from lib.inference import predict_probs
 from lib.models import build_model
 from lib.onnx_export import DEFAULT_OPSET, RUNTIME_FOR_OPSET, downgrade, export_onnx
 
@@ -65,8 +65,7 @@ def test_dynamic_batch_and_metadata_round_trip(cnn3_export, target_run, demo_dat
     out, _ = cnn3_export
     checkpoint = load_checkpoint(target_run / "best.pt")
     classifier = OnnxClassifier(out)
-    assert classifier.classes == checkpoint["classes"]
-    assert classifier.image_size == checkpoint["image_size"]
+    assert classifier.preprocessing == read_preprocessing(checkpoint), "the record the checkpoint gives"
     metadata = classifier.metadata
     assert json.loads(metadata["mean"]) == pytest.approx(checkpoint["mean"])
     assert json.loads(metadata["std"]) == pytest.approx(checkpoint["std"])
@@ -76,7 +75,8 @@ def test_dynamic_batch_and_metadata_round_trip(cnn3_export, target_run, demo_dat
     assert json.loads(metadata["verification_images"]) == {"data": data, "split": "val", "count": 60}
     assert (metadata["opset"], metadata["min_onnxruntime"]) == (str(DEFAULT_OPSET), RUNTIME_FOR_OPSET[DEFAULT_OPSET])
     int8 = OnnxClassifier(out.with_suffix(".int8.onnx"))
-    assert int8.classes == checkpoint["classes"] and int8.metadata["min_onnxruntime"] == metadata["min_onnxruntime"]
+    assert int8.preprocessing == classifier.preprocessing
+    assert int8.metadata["min_onnxruntime"] == metadata["min_onnxruntime"]
     assert json.loads(int8.metadata["quantization"])["target"] == "x86"
     assert json.loads(int8.metadata["calibration_images"]) == {
         "data": data, "split": "train", "count": 80, "class_counts": {"portico_rotunda": 40, "palace": 40}}

@@ -9,12 +9,11 @@ import torch
 from PIL import Image
 
 from conftest import run_main, run_script
-from lib.augment import normalize
 from lib.checkpoint import build_from_checkpoint, load_checkpoint
 from lib.data import load_split
 from lib.edge import OnnxClassifier
-from lib.engine import predict_probs
 from lib.images import decode_image
+from lib.inference import normalize, predict_probs
 
 CPU = torch.device("cpu")
 
