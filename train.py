@@ -22,7 +22,7 @@ from lib.recipe import RECIPES, config_from_args
 
 def get_args_parser():
     parser = cli.make_parser(__doc__, epilog=describe_models())
-    flags.add_data_args(parser, size_from_weights=True, several=True)
+    flags.add_data_args(parser, size_chosen=True, several=True)
     parser.add_argument("--model", choices=list(MODELS), default=DEFAULT_MODEL, metavar="NAME",
                         help="architecture: fastnet, cnn3 or any torchvision classification model (listed below); "
                              "fastnet is the most accurate from scratch at 64 and 128 px alike (README: the 128-px "

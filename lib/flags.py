@@ -8,10 +8,11 @@ from lib.images import DEFAULT_MAX_PIXELS
 from lib.preprocessing import DEFAULT_IMAGE_SIZE, DEFAULT_RESIZE, RESIZE_POLICIES
 
 
-def add_data_args(parser, image_size=True, data_required=True, size_from_weights=False, several=False):
+def add_data_args(parser, image_size=True, data_required=True, size_chosen=False, several=False):
     """image_size=False for scripts that take the image size (and resize policy) from a checkpoint;
-    data_required=False for scripts that can read image files instead; size_from_weights: the
-    --image-size default is None, for the script to choose (train.py: published weights' size);
+    data_required=False for scripts that can read image files instead; size_chosen: the
+    --image-size default is None, for the script to choose (train.py: published weights' size, else
+    from the training photos, lib.weights.image_size_for);
     several=True for scripts that train on several datasets at once (args.data is then a list:
     lib.data.load_datasets)."""
     group = parser.add_argument_group("data")
@@ -27,11 +28,11 @@ def add_data_args(parser, image_size=True, data_required=True, size_from_weights
                        help="which task's rows to use (needed for the CSV layout, unused for ImageFolder)")
     if image_size:
         group.add_argument("--image-size", type=positive_int,
-                           default=None if size_from_weights else DEFAULT_IMAGE_SIZE,
+                           default=None if size_chosen else DEFAULT_IMAGE_SIZE,
                            help="images of another size are resized to this square size"
                                 + (" (None: the resolution published --weights were trained at, else 128 "
                                    "for photos whose median short side is at least 128 px, else 64)"
-                                   if size_from_weights else ""))
+                                   if size_chosen else ""))
         group.add_argument("--resize", choices=RESIZE_POLICIES, default=DEFAULT_RESIZE,
                            help="how a photo that is not square becomes one: squash (resize, aspect ignored), "
                                 "crop (centre crop of the short side) or pad (letterbox, black bars); kept in "
