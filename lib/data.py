@@ -18,6 +18,7 @@ memory-mapped), so Split.images is a tensor over a file's pages, read as batches
 """
 import csv
 import io
+import math
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -126,9 +127,7 @@ def load_split(data, split, task=None, image_size=DEFAULT_IMAGE_SIZE, skip_bad_i
         raise UserError(f"--split {split}: must be one of {', '.join(SPLITS)}")
     check_resize(resize)
     root = resolve_data_dir(data).resolve()
-    paths, labels, classes, names = _list_split(root, split, task)
-    if detect_layout(root) != "csv":
-        task = None
+    paths, labels, classes, names, task = _list_split(root, split, task)
     pixels = load_pixels(paths, Decoding(image_size, resize, max_pixels), cache_dir,
                          identity=f"{root}|{split}|{task}", label=f"{root.name} {split}{' ' + task if task else ''}")
     if pixels.skipped and not skip_bad_images:
@@ -145,9 +144,13 @@ def load_split(data, split, task=None, image_size=DEFAULT_IMAGE_SIZE, skip_bad_i
     return Split(torch.from_numpy(pixels.images), labels, classes, filenames, pixels.mean, pixels.std)
 
 
+PHOTO_SIDE_SAMPLE = 200  # header reads: a few ms, however large the dataset
+
+
 def _list_split(root, split, task):
-    """(paths, labels or None, classes, names) of one split of the dataset at folder `root`.
-    Raises UserError when the split has no images."""
+    """(paths, labels or None, classes, names, task) of one split of the dataset at folder `root`;
+    task is None for the ImageFolder layout, which has no tasks. Raises UserError when the split
+    has no images."""
     if detect_layout(root) == "csv":
         paths, labels, classes, names = _read_csv(root, split, task)
     else:
@@ -157,18 +160,19 @@ def _list_split(root, split, task):
     if not paths:
         where = f"task {task!r}, partition {split!r}" if task else f"split {split!r}"
         raise UserError(f"--data {root}: no images for {where}")
-    return paths, labels, classes, names
+    return paths, labels, classes, names, task
 
 
 def photo_side(datasets, task=None):
     """The short side (px) of the training photos, for choosing an image size: the median of
-    min(width, height) over up to 200 evenly spaced train files of each dataset, read from their
-    headers (nothing is decoded), and over several datasets the smallest of those medians, so
-    none is upsampled. None when no header can be read. Raises UserError as load_split does."""
+    min(width, height) over up to PHOTO_SIDE_SAMPLE evenly spaced train files of each dataset,
+    read from their headers (nothing is decoded), and over several datasets the smallest of those
+    medians, so none is upsampled. None when no header can be read. Raises UserError as
+    load_split does."""
     medians = []
     for data in datasets if isinstance(datasets, (list, tuple)) else [datasets]:
         paths = _list_split(resolve_data_dir(data).resolve(), "train", task)[0]
-        side = median_short_side(paths[::max(1, len(paths) // 200)])
+        side = median_short_side(paths[::math.ceil(len(paths) / PHOTO_SIDE_SAMPLE)])
         if side is not None:
             medians.append(side)
     return min(medians, default=None)

@@ -30,6 +30,14 @@ def test_photo_side_is_the_median_short_side_read_from_headers(tmp_path):
     assert photo_side(data) == 300  # short sides 300, 120, 1500 in each class; the broken file is left out
 
 
+def test_at_most_a_sample_of_headers_is_read(tmp_path, monkeypatch):
+    import lib.data
+    data = _photos(tmp_path / "photos", [(80, 60)] * 150)  # 300 train files
+    read = []
+    monkeypatch.setattr(lib.data, "median_short_side", lambda paths: read.append(len(paths)) or 60)
+    assert photo_side(data) == 60 and read == [150] and 150 <= lib.data.PHOTO_SIDE_SAMPLE
+
+
 def test_several_datasets_take_the_smallest_median_so_none_is_upsampled(tmp_path):
     large = _photos(tmp_path / "large", [(400, 300)] * 3)
     small = _photos(tmp_path / "small", [(64, 64)] * 3)
