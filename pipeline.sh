@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole job as a user types it: training (and transfer), evaluation, explanation, export.
-# Usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR] [--model NAME]
+# Usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR...] [--model NAME]
 #                         [--weights NAME|FILE] [--image-size N] [--resize squash|crop|pad]
 #                         [--skip-bad-images]
 #   DATA: the dataset to end up with a model for, or "demo" for the built-in one.
@@ -8,7 +8,9 @@
 #     train.py on the source task, then transfer.py onto the target task.
 #   - DATA of one task (ImageFolder layout): train.py on it, once; no transfer step.
 #   - --source CKPT: transfer.py from that checkpoint onto DATA (its model, size and resize).
-#   - --source-data DIR: train.py on DIR (its source task if it has one), then transfer.py onto DATA.
+#   - --source-data DIR: train.py on DIR (its source task if it has one), then transfer.py onto DATA;
+#     given more than once, train.py learns from all of them as one source task (classes matched by
+#     name), e.g. --source-data ../shared/data/landmarks --source-data ../shared/data/landmarks-128.
 #   --model, --weights, --image-size and --resize go to train.py (a transfer takes them from its
 #   source); --weights DEFAULT starts from torchvision's published weights for --model.
 #   --skip-bad-images goes to every step: unreadable images are left out with a warning.
@@ -21,7 +23,7 @@
 # (2: bad input, 130: interrupted), where the pipeline stops.
 set -euo pipefail
 usage() {
-  echo "usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR] [--model NAME]" \
+  echo "usage: bash pipeline.sh DATA OUT [--source CKPT | --source-data DIR...] [--model NAME]" \
        "[--weights NAME|FILE] [--image-size N] [--resize squash|crop|pad] [--skip-bad-images]" >&2
   [ $# -eq 0 ] || echo "pipeline.sh: error: $*" >&2
   exit 2
@@ -30,7 +32,7 @@ usage() {
 data=$1
 out=$2
 shift 2
-source_checkpoint="" source_data="" train_options=() load_options=()
+source_checkpoint="" source_data=() train_options=() load_options=()
 while [ $# -gt 0 ]; do
   if [ "$1" = --skip-bad-images ]; then
     load_options=(--skip-bad-images)
@@ -40,13 +42,13 @@ while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || usage "$1 needs a value"
   case $1 in
     --source) source_checkpoint=$2 ;;
-    --source-data) source_data=$2 ;;
+    --source-data) source_data+=("$2") ;;
     --model|--weights|--image-size|--resize) train_options+=("$1" "$2") ;;
     *) usage "unknown option $1" ;;
   esac
   shift 2
 done
-[ -z "$source_checkpoint" ] || [ -z "$source_data" ] || usage "give --source or --source-data, not both"
+[ -z "$source_checkpoint" ] || [ ${#source_data[@]} -eq 0 ] || usage "give --source or --source-data, not both"
 [ -z "$source_checkpoint" ] || [ ${#train_options[@]} -eq 0 ] ||
   usage "${train_options[0]}: a transfer takes the model, weights, image size and resize of --source $source_checkpoint"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -62,19 +64,26 @@ step() {
   return $status
 }
 
-# The task flag a dataset's training needs: the CSV layout holds tasks, ImageFolder data is one.
+# The task flag training on these datasets needs: the CSV layout holds tasks, ImageFolder data is one.
 has_tasks() { [ "$1" = demo ] || [ -f "$1/landmarks.csv" ]; }
-task_of() { if has_tasks "$1"; then echo "--task $2"; fi; }
+task_of() {
+  local task=$1 dataset
+  shift
+  for dataset in "$@"; do
+    if has_tasks "$dataset"; then echo "--task $task"; return; fi
+  done
+}
 
 if [ -n "$source_checkpoint" ]; then
   source_model=$source_checkpoint
-elif [ -n "$source_data" ] || has_tasks "$data"; then
+elif [ ${#source_data[@]} -gt 0 ] || has_tasks "$data"; then
+  [ ${#source_data[@]} -gt 0 ] || source_data=("$data")
   # shellcheck disable=SC2046  # task_of gives two words or none
-  step train.py --data "${source_data:-$data}" $(task_of "${source_data:-$data}" source) "${train_options[@]}" \
+  step train.py --data "${source_data[@]}" $(task_of source "${source_data[@]}") "${train_options[@]}" \
     "${load_options[@]}" --amp "$amp" --seed "$seed" --out "$out/source"
   source_model=$out/source/model.pt
 fi
-task=$(task_of "$data" target)
+task=$(task_of target "$data")
 if [ -n "${source_model:-}" ]; then
   model_dir=$out/target
   # shellcheck disable=SC2086

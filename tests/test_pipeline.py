@@ -65,6 +65,9 @@ def test_a_source_checkpoint_or_source_data_is_transferred_from(pipeline):
     assert "--data photos" in calls[1] and "--source OUT/source/model.pt" in calls[1]
     result, calls = pipeline("photos", "OUT", "--source-data", "tasks")
     assert "--task source" in calls[0] and "--task" not in calls[1], calls
+    result, calls = pipeline("photos", "OUT", "--source-data", "other", "--source-data", "tasks")
+    assert result.returncode == 0, result.stderr
+    assert "--data other tasks --task source" in calls[0] and "--data photos" in calls[1], calls
 
 
 def test_skip_bad_images_goes_to_every_step(pipeline):
