@@ -15,6 +15,7 @@ from lib import cli, crossval, transfer, unlabelled
 from lib.checkpoint import read_preprocessing
 from lib.data import load_datasets
 from lib.distributed import pick_device
+from lib.errors import UserError
 from lib.files import write_csv, write_json
 from lib.recipe import config_from_args
 
@@ -38,6 +39,9 @@ def main(args):
     source = transfer.load_source(args.source)
     crossval.check_source(source, args.source, args.task, args.data)
     [k] = transfer.resolve_freeze([args.freeze], source["model"])
+    if args.teacher:
+        raise UserError(f"--teacher {args.teacher}: cross-validation takes no teacher (one trained on these "
+                        f"labelled images has seen every held-out fold); distil with transfer.py or train.py")
     out = cli.prepare_out_dir(args.out, ("crossval.csv", "crossval.json", "fold-*"),
                               overwrite=args.overwrite or args.resume)
     facts = read_preprocessing(source, where=f"--source {args.source}")

@@ -10,7 +10,7 @@ OUT/metrics.csv and OUT/curves.png.
 """
 import torch
 
-from lib import cli, distributed, flags, unlabelled, weights
+from lib import cli, distill, distributed, flags, unlabelled, weights
 from lib.checkpoint import data_lineage
 from lib.data import load_datasets, photo_side
 from lib.engine import fit, run_report
@@ -71,6 +71,9 @@ def main(args):
                                 **cli.load_options(args))
     if fixmatch:
         describe["unlabelled"] = fixmatch.entry
+    teacher = distill.load_teacher(args.teacher, config.teacher_weight, train.classes, args.resize, device)
+    if teacher:
+        describe["teacher"] = teacher.entry
     if start:
         describe["lineage"].update(weights.load_weights(model, args.model, start))
     if distributed.is_main():
@@ -81,8 +84,10 @@ def main(args):
               f"normalising with mean {_triple(mean)} std {_triple(std)} ({whose})")
         if fixmatch:
             print(fixmatch.summary())
+        if teacher:
+            print(teacher.summary())
     history = fit(model, train, val, describe=describe, config=config, out=out, device=device,
-                  seed=args.seed, resume=args.resume, unlabelled=fixmatch)
+                  seed=args.seed, resume=args.resume, unlabelled=fixmatch, teacher=teacher)
     if distributed.is_main():
         plot_curves(history, out / "curves.png")
         print(run_report(out, history, config))

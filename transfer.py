@@ -12,7 +12,7 @@ the others.
 """
 from pathlib import Path
 
-from lib import cli, distributed, ensemble, transfer, unlabelled
+from lib import cli, distill, distributed, ensemble, transfer, unlabelled
 from lib.checkpoint import read_preprocessing
 from lib.data import load_datasets
 from lib.engine import fit, run_report
@@ -80,11 +80,14 @@ def main(args):
     config = config_from_args(args, device)
     fixmatch = unlabelled.setup(args.unlabelled, args.data, args.task, facts.image_size, facts.resize, config,
                                 **cli.load_options(args))
+    teacher = distill.load_teacher(args.teacher, config.teacher_weight, train.classes, facts.resize, device)
     if distributed.is_main():
         print(f"{model_name} from {args.source} to {cli.data_name(args.data, args.task)}: {len(train)} train / "
               f"{len(val)} val images, {len(train.classes)} classes, {device}, amp {'on' if config.amp else 'off'}")
         if fixmatch:
             print(fixmatch.summary())
+        if teacher:
+            print(teacher.summary())
     rows, histories = [], []
     for (k, seed, _), (run_dir, resume) in zip(runs, run_dirs):
         label = transfer.freeze_label(k, model_name)
@@ -93,12 +96,14 @@ def main(args):
                                             transfer.lineage(args.source, k, model_name, args.data))
         if fixmatch:
             describe["unlabelled"] = fixmatch.entry
+        if teacher:
+            describe["teacher"] = teacher.entry
         if distributed.is_main():
             print(f"freeze {label} of {stage_count(model_name)} stages{f', seed {seed}' if args.seeds else ''}: "
                   f"{transfer.trainable_params(model):,} trainable parameters -> {run_dir}")
         fit(model, train, val, describe=describe, config=config, out=run_dir, device=device,
             seed=seed, param_groups=transfer.param_groups(model, model_name, args.lr_backbone),
-            frozen_modules=frozen, resume=resume, unlabelled=fixmatch)
+            frozen_modules=frozen, resume=resume, unlabelled=fixmatch, teacher=teacher)
         if distributed.is_main():
             row, history = transfer.run_summary(label, model, run_dir)
             rows.append(row)

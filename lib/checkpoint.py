@@ -247,7 +247,7 @@ def _legacy_defaults():
     format 2 defaults to what runs did before it). A flag missing here and from an older run's
     args is unknown there, and differs from any value."""
     return {**asdict(RECIPES["train"]), "max_image_pixels": DEFAULT_MAX_PIXELS, "mean": None, "std": None,
-            "unlabelled": None,
+            "unlabelled": None, "teacher": None,
             # Runs from before these flags had no step floor and averaged BatchNorm statistics.
             "min_steps": 0, "ema_bn_images": 0}
 

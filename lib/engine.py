@@ -209,7 +209,7 @@ def check_input_sizes(model, frozen_modules, name, config, image_size, smallest_
 
 
 def fit(model, train, val, *, describe, config, out, device, seed, param_groups=None,
-        frozen_modules=(), resume=False, monitor=None, unlabelled=None):
+        frozen_modules=(), resume=False, monitor=None, unlabelled=None, teacher=None):
     """Train `model` on the `train` Split, select on `val`, and write checkpoints into `out`.
 
     describe: the self-describing part of every checkpoint (model, classes, image size,
@@ -220,7 +220,9 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
     validated epoch with the validated weights (crossval.py predicts its held-out fold there;
     nothing it does feeds back into training). unlabelled (lib.unlabelled.FixMatch) or None adds
     its views of unlabelled photos to every step's batch and its loss to the step's loss; the
-    share of those photos it used is each epoch's `unlabelled_used`. Writes best.pt, last.pt,
+    share of those photos it used is each epoch's `unlabelled_used`. teacher (lib.distill.Teacher)
+    or None turns each batch's targets into its blend with the teacher's probabilities (its forward
+    passes are counted in the TFLOP). Writes best.pt, last.pt,
     metrics.csv and, at the end, model.pt (lib.selection). Returns the history, a list of per-epoch metric dicts.
     """
     out = Path(out)
@@ -297,7 +299,7 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             batches = _epoch_batches(train, seed, epoch, config.batch_size, config.sampler, passes)
             train_stats, lr = _train_epoch(net, model, ema, frozen_modules, train, batches, mean, std, config,
                                            optimizer, scheduler, scaler, seed, device, epoch, size, weights, mixer,
-                                           unlabelled)
+                                           unlabelled, teacher)
             distributed.average_buffers(model)
             if ema:
                 distributed.average_buffers(ema.module)
@@ -317,6 +319,8 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
             # Each unlabelled photo of a step is two more training images (its weak and strong views).
             trained = sum(len(b) for b in batches) * distributed.world_size() * (3 if unlabelled else 1)
             tflop = compute.epoch(trained, size, (len(val) + reestimated) if validate else 0) / 1e12
+            if teacher:
+                tflop += sum(len(b) for b in batches) * distributed.world_size() * teacher.flops_per_image / 1e12
             row = {"epoch": epoch, "size": size, "passes": passes,
                    **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items()},
@@ -380,14 +384,16 @@ def write_recommended(out, config):
 
 
 def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, config, optimizer, scheduler, scaler,
-                 seed, device, epoch, size, class_weights=None, mixer=None, unlabelled=None):
+                 seed, device, epoch, size, class_weights=None, mixer=None, unlabelled=None, teacher=None):
     """One pass over `batches`; returns the epoch's training metrics and mean learning rate.
 
     class_weights (C,) or None weigh the loss (lib.loss); mixer (lib.mixing) or None mixes each
     augmented batch, seeded by the step. Training metrics are against each image's hard label:
     with mixing, the label that dominates its mixture (as torchvision's reference scripts count).
     unlabelled (lib.unlabelled.FixMatch) or None: its views join each batch's forward pass (one
-    BatchNorm batch) and its loss the step's; training metrics stay the labelled images'."""
+    BatchNorm batch) and its loss the step's; training metrics stay the labelled images'.
+    teacher (lib.distill.Teacher) or None: its targets for each (augmented, mixed) batch replace the
+    labels' in the loss; training metrics stay against the labels."""
     set_train_mode(net, frozen_modules)
     # Augmentation differs per process and epoch, and repeats for the same seed.
     augment_seed = ((seed * 1_000_003 + epoch) * 1_009 + distributed.rank()) % 2**63
@@ -406,8 +412,10 @@ def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, con
         if mixer:
             x, targets = mixing.mix(mixer, x, y, mixing.step_seed(seed, epoch, step, distributed.rank()))
         views = unlabelled.views(seed, epoch, step, len(index), size, generator) if unlabelled else ()
-        x, y, targets = (normalize(torch.cat([x, *views]).to(device), mean, std), targets.argmax(1).to(device),
-                         targets.to(device))
+        y, targets = targets.argmax(1).to(device), targets.to(device)
+        if teacher:
+            targets = teacher.targets(x.to(device), targets)
+        x = normalize(torch.cat([x, *views]).to(device), mean, std)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, config.amp):

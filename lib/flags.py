@@ -105,6 +105,12 @@ def add_training_args(parser, defaults):
                        help="with --unlabelled: weight of the unlabelled photos' loss beside the labelled one")
     group.add_argument("--threshold", type=probability, default=defaults.threshold,
                        help="with --unlabelled: the top probability a prediction needs to become a pseudo-label")
+    group.add_argument("--teacher", metavar="CKPT",
+                       help="distil a teacher: a checkpoint of the same classes (typically an ensemble, from "
+                            "ensemble.py or transfer.py --seeds) whose probabilities on each augmented batch "
+                            "become the targets; None: off")
+    group.add_argument("--teacher-weight", type=probability, default=defaults.teacher_weight,
+                       help="with --teacher: its share of each target (the label has the rest)")
     group.add_argument("--patience", type=positive_int_or_none, default=defaults.patience, metavar="N|none",
                        help="stop after this many epochs without a better validation score, once the learning "
                             "rate is down to a quarter of its peak (or falls no further); none: never stop early, "

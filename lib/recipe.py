@@ -45,6 +45,7 @@ class TrainConfig:
     select_metric: str = "balanced_accuracy"  # what "best" means: every class alike (equals accuracy on balanced val)
     unlabelled_weight: float = 1.0   # FixMatch (lib.unlabelled): weight of the unlabelled photos' loss
     threshold: float = 0.95          # and the confidence a pseudo-label needs (the paper's values)
+    teacher_weight: float = 1.0      # distillation (lib.distill): the teacher's share of each target
     amp: bool = False
     channels_last: bool = False
     compile: bool = False

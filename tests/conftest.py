@@ -15,6 +15,7 @@ a file of its name is named on the line of the file that tests it; test_docs.py 
   test_crossval.py          crossval.py, lib/crossval.py: folds, nested selection rules, ensembles, refusals
   test_data.py              lib/data.py, lib/demo.py: image kinds, dataset files as tools write them, resize policy
   test_datasets.py          several --data in one run: classes matched by name, lineage
+  test_distill.py           lib/distill.py: --teacher's targets are what the student learns, the record, refusals
   test_distributed.py       lib/distributed.py: torchrun runs against one process, --sync-bn
   test_docs.py              README and docs/: links reach headings, the code map, this index
   test_edge.py              predict.py, lib/edge.py: torch-free inference, one-line errors, EXIF, old onnxruntime
