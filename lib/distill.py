@@ -10,11 +10,12 @@ lib.loss's cross-entropy as for any soft target. The teacher runs in eval mode i
 never trains.
 """
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from lib.checkpoint import build_from_checkpoint, data_location, file_hash, load_checkpoint, read_preprocessing
+from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint, read_preprocessing
 from lib.ensemble import in_class_order, is_ensemble
 from lib.errors import UserError
 from lib.flops import inference_flops
@@ -69,7 +70,7 @@ def load_teacher(path, weight, classes, resize, device):
     checkpoint = in_class_order(checkpoint, classes, where, ("this run's data", "the teacher"))
     network = build_from_checkpoint(checkpoint, where=where).to(device)
     members = len(checkpoint["ensemble"]["members"]) if is_ensemble(checkpoint) else None
-    entry = {"checkpoint": data_location(path), "sha256": file_hash(path), "weight": weight,
+    entry = {"checkpoint": str(Path(path).resolve()), "sha256": file_hash(path), "weight": weight,
              "model": facts.model, "members": members, "image_size": facts.image_size}
     return Teacher(network, tuple(facts.mean), tuple(facts.std), facts.image_size, weight,
                    inference_flops(network, facts.image_size), entry)
