@@ -316,11 +316,12 @@ def fit(model, train, val, *, describe, config, out, device, seed, param_groups=
                 recall = per_class_recall(val.labels, val_probs, val.classes)
             else:
                 val_stats = {key: None for key in train_stats}
+            labelled = sum(len(b) for b in batches) * distributed.world_size()
             # Each unlabelled photo of a step is two more training images (its weak and strong views).
-            trained = sum(len(b) for b in batches) * distributed.world_size() * (3 if unlabelled else 1)
+            trained = labelled * (3 if unlabelled else 1)
             tflop = compute.epoch(trained, size, (len(val) + reestimated) if validate else 0) / 1e12
             if teacher:
-                tflop += sum(len(b) for b in batches) * distributed.world_size() * teacher.flops_per_image / 1e12
+                tflop += labelled * teacher.flops_per_image / 1e12
             row = {"epoch": epoch, "size": size, "passes": passes,
                    **{f"train_{k}": v for k, v in train_stats.items()},
                    **{f"val_{k}": v for k, v in val_stats.items()},
