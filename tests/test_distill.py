@@ -63,7 +63,7 @@ def test_an_ensemble_teaches_train_py_and_a_resume_keeps_the_teacher(demo_data, 
     assert resumed.returncode == 2 and "--teacher-weight" in resumed.stderr, resumed.stderr
 
 
-def test_a_teacher_of_other_classes_or_in_crossval_is_refused(demo_data, source_run, target_run, tmp_path):
+def test_a_teacher_of_other_classes_or_framing_or_in_crossval_is_refused(demo_data, source_run, target_run, tmp_path):
     other_classes = run_main("transfer.py", "--source", source_run / "model.pt", "--data", demo_data, "--task",
                              "target", "--epochs", "1", "--teacher", source_run / "model.pt",
                              "--out", tmp_path / "t", check=False)
@@ -71,6 +71,13 @@ def test_a_teacher_of_other_classes_or_in_crossval_is_refused(demo_data, source_
     assert other_classes.stderr.startswith(f"transfer.py: error: --teacher {source_run / 'model.pt'}: the classes differ"), \
         other_classes.stderr
     assert not (tmp_path / "t" / "model.pt").exists()
+    cropped = load_checkpoint(target_run / "model.pt")
+    torch.save({**cropped, "resize": "crop"}, tmp_path / "cropped.pt")
+    other_framing = run_main("transfer.py", "--source", source_run / "model.pt", "--data", demo_data, "--task",
+                             "target", "--epochs", "1", "--teacher", tmp_path / "cropped.pt",
+                             "--out", tmp_path / "f", check=False)
+    assert other_framing.returncode == 2 and "reads images with --resize crop, this run with squash" in \
+        other_framing.stderr, other_framing.stderr
     crossval = run_main("crossval.py", "--source", source_run / "model.pt", "--data", demo_data, "--task", "target",
                         "--teacher", target_run / "model.pt", "--out", tmp_path / "cv", check=False)
     assert crossval.returncode == 2 and "cross-validation takes no teacher" in crossval.stderr
