@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lib.inference import scale_pixels
+from lib.inference import resize, scale_pixels
 
 
 @dataclass(frozen=True)
@@ -55,9 +55,7 @@ def augment_batch(images, preset, generator, size=None):
     n = x.shape[0]
     size = size or x.shape[-1]
     if p == PRESETS["none"]:
-        if size != x.shape[-1]:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return x
+        return resize(x, size)
     x = _affine(x, p, n, generator, size)
     x = _colour(x, p, n, generator)
     if p.erase:

@@ -19,7 +19,7 @@ from lib.checkpoint import build_from_checkpoint, file_hash, load_checkpoint, re
 from lib.ensemble import in_class_order, is_ensemble
 from lib.errors import UserError
 from lib.flops import inference_flops
-from lib.inference import normalize
+from lib.inference import normalize, resize
 
 
 @dataclass
@@ -38,10 +38,8 @@ class Teacher:
         """Soft targets (N, C) for float images (N, 3, H, W) in [0, 1] (the augmented batch, before
         normalisation) and their label targets (N, C): the blend with the teacher's probabilities.
         A batch at another side than the teacher's (progressive resizing) is resized to its side."""
-        if images.shape[-1] != self.image_size:
-            images = F.interpolate(images, size=(self.image_size, self.image_size), mode="bilinear",
-                                   antialias=True, align_corners=False)
-        probs = F.softmax(self.network(normalize(images, self.mean, self.std)).float(), dim=1)
+        x = normalize(resize(images, self.image_size), self.mean, self.std)
+        probs = F.softmax(self.network(x).float(), dim=1)
         return (1 - self.weight) * labels + self.weight * probs
 
     def summary(self):

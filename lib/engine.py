@@ -414,9 +414,10 @@ def _train_epoch(net, model, ema, frozen_modules, split, batches, mean, std, con
             x, targets = mixing.mix(mixer, x, y, mixing.step_seed(seed, epoch, step, distributed.rank()))
         views = unlabelled.views(seed, epoch, step, len(index), size, generator) if unlabelled else ()
         y, targets = targets.argmax(1).to(device), targets.to(device)
+        x = torch.cat([x, *views]).to(device)
         if teacher:
-            targets = teacher.targets(x.to(device), targets)
-        x = normalize(torch.cat([x, *views]).to(device), mean, std)
+            targets = teacher.targets(x[:len(y)], targets)
+        x = normalize(x, mean, std)
         if config.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, config.amp):

@@ -27,6 +27,14 @@ def _per_channel(values, x):
     return values if values.dim() == 4 else values.view(1, -1, 1, 1)
 
 
+def resize(x, size):
+    """float images (N, 3, H, W) -> (N, 3, size, size), bilinear with antialiasing; the images
+    themselves when they already are that size (progressive resizing, a teacher of another size)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
 def to_input(pixels, mean, std):
     """uint8 (N, 3, H, W) RGB pixels -> float32 network input: scale_pixels, then normalize."""
     return normalize(scale_pixels(pixels), mean, std)
